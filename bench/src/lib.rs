@@ -1,0 +1,4 @@
+//! Load generator for RaftMQ and its peers.
+//!
+//! This crate is part of the layout set by issue #2 and is still empty: its
+//! work is tracked in issue #6. See `ARCHITECTURE.md` for where it fits.
