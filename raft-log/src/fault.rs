@@ -40,9 +40,10 @@ use crate::fs::StdFs;
 pub enum CrashMode {
     /// Every write not covered by a later fdatasync of its file is lost.
     LoseUnsynced,
-    /// Like `LoseUnsynced`, but the first `keep_bytes` bytes of the very last
-    /// unsynced write survive.
-    TearLastWrite { keep_bytes: usize },
+    /// Like `LoseUnsynced`, but the first `keep_bytes` bytes of the last
+    /// unsynced write to a file whose name ends with `suffix` survive (for
+    /// the log: `".seg"` tears entry data, `".idx"` an index write).
+    TearLastWrite { keep_bytes: usize, suffix: &'static str },
 }
 
 #[derive(Debug)]
@@ -57,8 +58,9 @@ enum Undo {
 struct State {
     /// Per path: undo records of writes since the last sync, oldest first.
     undo: HashMap<PathBuf, Vec<Undo>>,
-    /// The last unsynced write: path, offset, length.
-    last_write: Option<(PathBuf, u64, usize)>,
+    /// The newest unsynced writes (path, offset, length), at most
+    /// `RECENT_WRITES`, oldest first.
+    recent_writes: Vec<(PathBuf, u64, usize)>,
     /// Files created since their directory was last synced.
     created: HashSet<PathBuf>,
     /// Bytes that may still be written before ENOSPC; `None`: unlimited.
@@ -79,6 +81,9 @@ struct FaultFile {
     inner: StdFile,
     state: Arc<Mutex<State>>,
 }
+
+/// How many recent unsynced writes are remembered for tearing.
+const RECENT_WRITES: usize = 64;
 
 fn enospc() -> io::Error {
     io::Error::from_raw_os_error(libc::ENOSPC)
@@ -128,9 +133,15 @@ impl FaultFs {
     /// Call it after the log using this file system is dropped.
     pub fn crash(&self, mode: CrashMode) -> io::Result<()> {
         let mut st = self.lock();
-        let last = st.last_write.take();
+        let recent = std::mem::take(&mut st.recent_writes);
+        let last = match mode {
+            CrashMode::TearLastWrite { suffix, .. } => {
+                recent.iter().rev().find(|(p, _, _)| p.to_string_lossy().ends_with(suffix)).cloned()
+            }
+            CrashMode::LoseUnsynced => None,
+        };
         let torn_prefix = match (mode, &last) {
-            (CrashMode::TearLastWrite { keep_bytes }, Some((path, offset, len))) => {
+            (CrashMode::TearLastWrite { keep_bytes, .. }, Some((path, offset, len))) => {
                 let keep = keep_bytes.min(*len);
                 let f = StdFile::open(path, false)?;
                 let mut buf = vec![0u8; keep];
@@ -213,7 +224,10 @@ impl FsFile for FaultFile {
         };
         self.remember(&mut st, offset, allowed)?;
         self.inner.write_all_at(&buf[..allowed], offset)?;
-        st.last_write = Some((self.inner.path().to_path_buf(), offset, allowed));
+        if st.recent_writes.len() == RECENT_WRITES {
+            st.recent_writes.remove(0);
+        }
+        st.recent_writes.push((self.inner.path().to_path_buf(), offset, allowed));
         if let Some(budget) = st.enospc_budget.as_mut() {
             *budget -= allowed as u64;
         }
@@ -232,9 +246,8 @@ impl FsFile for FaultFile {
         self.inner.sync_data()?;
         st.syncs += 1;
         st.undo.remove(self.inner.path());
-        if st.last_write.as_ref().is_some_and(|(p, _, _)| p == self.inner.path()) {
-            st.last_write = None;
-        }
+        let path = self.inner.path();
+        st.recent_writes.retain(|(p, _, _)| p != path);
         Ok(())
     }
 

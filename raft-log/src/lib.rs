@@ -28,6 +28,11 @@ pub mod meta;
 pub mod record;
 pub mod store;
 
+#[cfg(test)]
+mod model_tests;
+#[cfg(test)]
+mod store_tests;
+
 pub use config::FlushMode;
 pub use config::LogConfig;
 pub use error::LogError;

@@ -214,6 +214,21 @@ fn parse_index_name(name: &str) -> Option<u64> {
     name.strip_suffix(".idx")?.parse().ok()
 }
 
+/// Whether a record with `index` may follow during a scan that expects
+/// `expected` next, where entries below `min_index` are purged: purged records
+/// follow each other; the first kept one is `min_index` (or, on a log never
+/// purged, whatever comes first); kept ones follow each other.
+fn index_follows(index: u64, expected: Option<u64>, min_index: u64) -> bool {
+    if index < min_index {
+        return expected.is_none_or(|e| index == e);
+    }
+    match expected {
+        Some(e) if e > min_index => index == e,
+        Some(_) => index == min_index,
+        None => min_index == 0 || index == min_index,
+    }
+}
+
 /// First offset at or after `from` holding a nonzero byte.
 fn first_nonzero(bytes: &[u8], from: usize) -> Option<usize> {
     if from >= bytes.len() {
@@ -240,6 +255,10 @@ impl CommitLog {
         let index_dir = dir.join("index");
         for d in [&dir, &data_dir, &index_dir] {
             fs.create_dir_all(d).map_err(|e| LogError::io(d, e))?;
+            // The directory entry itself must be durable before any file in it.
+            if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fs.sync_dir(parent).map_err(|e| LogError::io(parent, e))?;
+            }
         }
         let meta = Meta::load(fs.as_ref(), &dir)?;
         let first_index = meta.purged.map(|p| p.index + 1).unwrap_or(0);
@@ -311,6 +330,7 @@ impl CommitLog {
             } else if name.ends_with(".tmp") {
                 let p = self.data_dir.join(&name);
                 self.fs.remove_file(&p).map_err(|e| LogError::io(&p, e))?;
+                self.fs.sync_dir(&self.data_dir).map_err(|e| LogError::io(&self.data_dir, e))?;
             }
         }
         found.sort();
@@ -371,6 +391,7 @@ impl CommitLog {
             for (_, f) in files {
                 self.fs.remove_file(&f.path).map_err(|e| LogError::io(&f.path, e))?;
             }
+            self.fs.sync_dir(&self.index_dir).map_err(|e| LogError::io(&self.index_dir, e))?;
         }
 
         // Where to scan from: after the checkpoint if the index up to it is sound.
@@ -403,7 +424,14 @@ impl CommitLog {
             }
         };
         let durable_floor = if scan_from.is_some() { 0 } else { meta.checkpoint.map(|c| c.end_pos).unwrap_or(0) };
-        self.scan(&mut st, &mut report, from_pos, expected, first, min_term, durable_floor)?;
+        let first_found = self.scan(&mut st, &mut report, from_pos, expected, first, min_term, durable_floor)?;
+        // Scanning from the start of the data found where the log begins (a
+        // log need not begin at 0).
+        if scan_from.is_none()
+            && let Some(f) = first_found
+        {
+            st.first_index = f;
+        }
 
         // The checkpoint promised entries up to next_index - 1 are durable.
         if let Some(cp) = meta.checkpoint
@@ -415,6 +443,12 @@ impl CommitLog {
                 st.write_pos,
                 format!("log ends before entry {} that the checkpoint recorded as durable", cp.next_index - 1),
             ));
+        }
+        // What recovery found after the checkpoint may be only in the page
+        // cache (the previous process died before syncing it). openraft treats
+        // every entry present at start as persisted, so make it so now.
+        for seg in st.segments.values().filter(|s| s.end() > from_pos) {
+            seg.file.sync_data().map_err(|e| LogError::io(&seg.path, e))?;
         }
         // Segments wholly before the first present entry (a purge interrupted
         // before it deleted them) go now.
@@ -474,8 +508,18 @@ impl CommitLog {
         min_index: u64,
         mut prev_term: u64,
         durable_floor: u64,
-    ) -> Result<()> {
+    ) -> Result<Option<u64>> {
         let mut slots: Vec<Slot> = Vec::new();
+        let mut first_found: Option<u64> = None;
+        let window = self.torn_window();
+        // A start in a gap before the first segment: the segments that held it
+        // were deleted because they held only purged entries (and the pad
+        // before a roll), so the data resumes at the next segment.
+        if Self::segment_for(st, pos).is_none()
+            && let Some((&next, _)) = st.segments.range(pos..).next()
+        {
+            pos = next;
+        }
         // The loop ends past the last segment (or exactly at its end).
         while let Some((base, size)) = Self::segment_for(st, pos).map(|s| (s.base, s.size)) {
             let seg = &st.segments[&base];
@@ -500,9 +544,11 @@ impl CommitLog {
                         pos = next.base;
                         continue;
                     }
-                    let window_end = pos + self.config.max_unsynced_bytes;
-                    if let Some(at) = self.data_after(st, window_end) {
+                    if let Some(at) = self.data_after(st, pos + window) {
                         Some(format!("unwritten space is followed by data at position {at}"))
+                    } else if let Some(at) = self.data_after(st, pos) {
+                        // Pages of the last unsynced write landed out of order.
+                        Some(format!("unwritten space is followed by a torn write at position {at}"))
                     } else {
                         break;
                     }
@@ -513,8 +559,8 @@ impl CommitLog {
                     Err(DecodeError::Short) => Some("record runs past the end of its segment".into()),
                     Err(e) => Some(format!("{e:?}")),
                     Ok(_) if h.pos != pos => Some(format!("record claims position {}, found at {pos}", h.pos)),
-                    Ok(_) if expected.is_some_and(|e| h.index != e) => {
-                        Some(format!("index {} where {} was expected", h.index, expected.unwrap_or(0)))
+                    Ok(_) if !index_follows(h.index, expected, min_index) => {
+                        Some(format!("index {} where {} was expected", h.index, expected.unwrap_or(min_index)))
                     }
                     Ok(_) if h.index >= min_index && h.term < prev_term => {
                         Some(format!("term {} after term {prev_term}", h.term))
@@ -522,6 +568,7 @@ impl CommitLog {
                     Ok(_) => {
                         report.scanned_entries += 1;
                         if h.index >= min_index {
+                            first_found.get_or_insert(h.index);
                             slots.push(Slot { pos, term: h.term, index: h.index, len: h.record_len() as u32 });
                             st.last = Some(LastEntry { index: h.index, term: h.term, leader_node: h.leader_node });
                             prev_term = h.term;
@@ -538,7 +585,7 @@ impl CommitLog {
             // Damage at `pos`. Torn tail only if nothing follows beyond the
             // unsynced window and it lies past everything known durable.
             let seg_path = st.segments[&base].path.clone();
-            let data_after = self.data_after(st, pos + self.config.max_unsynced_bytes);
+            let data_after = self.data_after(st, pos + window);
             if pos < durable_floor || data_after.is_some() {
                 return Err(LogError::corruption(&seg_path, pos - base, reason));
             }
@@ -557,6 +604,7 @@ impl CommitLog {
             if st.segments[&b].base >= end && first_nonzero(st.segments[&b].bytes(), 0).is_none() {
                 let seg = st.segments.remove(&b).expect("present");
                 self.fs.remove_file(&seg.path).map_err(|e| LogError::io(&seg.path, e))?;
+                self.fs.sync_dir(&self.data_dir).map_err(|e| LogError::io(&self.data_dir, e))?;
             }
         }
         // Slot writes happen after the scan so a corruption error leaves files as found.
@@ -570,7 +618,14 @@ impl CommitLog {
         if st.next_index.is_some_and(|n| n > st.first_index) && st.last.is_none() {
             st.first_index = st.next_index.expect("some");
         }
-        Ok(())
+        Ok(first_found)
+    }
+
+    /// How far garbage of an unsynced write can reach past the point where
+    /// recovery finds damage: the unsynced bound, plus the gap a segment roll
+    /// skips (at most one largest record and a pad).
+    fn torn_window(&self) -> u64 {
+        self.config.max_unsynced_bytes + HEADER_LEN as u64 + u64::from(self.config.max_entry_bytes) + 4
     }
 
     /// Position of the first nonzero byte at or after global position `from`.
@@ -809,7 +864,13 @@ impl CommitLog {
                 end += 1;
             }
             if st.unsynced_bytes > 0 && st.unsynced_bytes + bytes > limit {
-                self.sync_locked(&mut st)?;
+                // Sync through the one sync path (never beside a running one),
+                // then re-check: the log may have changed meanwhile.
+                drop(st);
+                self.sync()?;
+                st = self.write_state();
+                Self::poisoned(&st)?;
+                self.validate_append(&st, &records[start..])?;
             }
             let part = self.append_part(&mut st, &records[start..end])?;
             outcome = Some(match outcome {
@@ -865,6 +926,9 @@ impl CommitLog {
         let mut new_bases: Vec<u64> = Vec::new();
         let mut slots: Vec<Slot> = Vec::with_capacity(records.len());
         let mut pos = st.write_pos;
+        // Sized once: growing a buffer of a large batch by doubling costs
+        // copies on the append path.
+        let mut remaining: usize = records.iter().map(|r| HEADER_LEN + r.body.len()).sum();
         let first_pos_of = |pos: u64, len: u64, st: &State, new_bases: &[u64]| -> (u64, bool) {
             // Segment holding `pos`, or the base of a new one starting at `pos`.
             let existing = Self::segment_for(st, pos).map(|s| (s.base, s.end()));
@@ -894,13 +958,13 @@ impl CommitLog {
                 }
                 new_bases.push(at);
                 pos = at;
-                chunks.push(Chunk { base: at, offset: 0, bytes: Vec::new() });
+                chunks.push(Chunk { base: at, offset: 0, bytes: Vec::with_capacity(remaining) });
             } else if chunks.is_empty() {
                 let base = Self::segment_for(st, pos)
                     .map(|s| s.base)
                     .or_else(|| new_bases.last().copied())
                     .expect("segment planned");
-                chunks.push(Chunk { base, offset: pos - base, bytes: Vec::new() });
+                chunks.push(Chunk { base, offset: pos - base, bytes: Vec::with_capacity(remaining) });
             }
             let c = chunks.last_mut().expect("chunk");
             let h = RecordHeader {
@@ -914,6 +978,7 @@ impl CommitLog {
             encode_record(&mut c.bytes, &h, r.body);
             slots.push(Slot { pos, term: r.term, index: r.index, len: len as u32 });
             pos += len;
+            remaining -= len as usize;
         }
         let end_pos = pos;
         let first_pos = slots[0].pos;
@@ -959,7 +1024,8 @@ impl CommitLog {
         st.last = Some(LastEntry { index: last.index, term: last.term, leader_node: last.leader_node });
         st.next_index = Some(last.index + 1);
         st.write_pos = end_pos;
-        st.unsynced_bytes += end_pos - first_pos;
+        let written: u64 = chunks.iter().map(|c| c.bytes.len() as u64).sum();
+        st.unsynced_bytes += written;
         st.append_seq += 1;
         st.stats.appends += 1;
         st.stats.entries_appended += records.len() as u64;
@@ -984,7 +1050,9 @@ impl CommitLog {
                 Ok(())
             }
             Err(e) => {
-                let _ = self.fs.remove_file(&path);
+                if self.fs.remove_file(&path).is_ok() {
+                    let _ = self.fs.sync_dir(path.parent().expect("in a directory"));
+                }
                 Err(LogError::io(&path, e))
             }
         }
@@ -1009,7 +1077,9 @@ impl CommitLog {
                 Ok(file)
             }
             Err(e) => {
-                let _ = self.fs.remove_file(&path);
+                if self.fs.remove_file(&path).is_ok() {
+                    let _ = self.fs.sync_dir(path.parent().expect("in a directory"));
+                }
                 Err(LogError::io(&path, e))
             }
         }
@@ -1020,7 +1090,7 @@ impl CommitLog {
         let mut i = 0;
         while i < slots.len() {
             let (no, off) = self.slot_location(slots[i].index);
-            let mut buf = Vec::new();
+            let mut buf = Vec::with_capacity((slots.len() - i) * SLOT_LEN);
             let mut j = i;
             while j < slots.len() && self.slot_location(slots[j].index).0 == no {
                 debug_assert!(j == i || slots[j].index == slots[j - 1].index + 1);
@@ -1037,22 +1107,6 @@ impl CommitLog {
 
     // ----------------------------------------------------------------------
     // Durability
-
-    fn sync_locked(&self, st: &mut State) -> Result<u64> {
-        Self::poisoned(st)?;
-        let files = std::mem::take(&mut st.dirty);
-        for f in &files {
-            if let Err(e) = f.sync_data() {
-                let why = format!("fdatasync of {} failed: {e}", f.path().display());
-                st.poisoned = Some(why);
-                return Err(LogError::io(f.path(), e));
-            }
-        }
-        st.synced_seq = st.append_seq;
-        st.unsynced_bytes = 0;
-        st.stats.syncs += 1;
-        Ok(st.synced_seq)
-    }
 
     /// Makes every append so far durable: one fdatasync per data file written
     /// since the last sync (one, unless a segment rolled). Returns the
@@ -1155,6 +1209,9 @@ impl CommitLog {
     /// bring them back.
     pub fn truncate_after(&self, last_kept: Option<u64>) -> Result<()> {
         let _m = self.maintenance.lock().unwrap_or_else(|e| e.into_inner());
+        // Entries before the cut that are not yet durable must become so: the
+        // dirty list is reset below.
+        self.sync()?;
         let (new_end, new_last, cut_from_index) = {
             let st = self.read_state();
             Self::poisoned(&st)?;
@@ -1193,7 +1250,6 @@ impl CommitLog {
         st.next_index = Some(cut_from_index);
         st.write_pos = new_end;
         st.unsynced_bytes = 0;
-        st.dirty.clear();
         drop(st);
         self.check_invariants();
         Ok(())
@@ -1214,12 +1270,13 @@ impl CommitLog {
             let mut meta = self.lock_meta();
             let mut new = meta.clone();
             new.purged = Some(upto);
-            let st = self.read_state();
-            let next = st.next_index.unwrap_or(upto.index + 1).max(upto.index + 1);
-            let end_pos = st.write_pos;
-            drop(st);
-            if new.checkpoint.is_none_or(|c| c.next_index < next) {
-                new.checkpoint = Some(Checkpoint { next_index: next, end_pos });
+            // From the checkpoint just written (never from live state, which
+            // may hold unsynced appends): entries below `upto + 1` are now
+            // purged, so the checkpoint may claim them.
+            if let Some(cp) = new.checkpoint
+                && cp.next_index <= upto.index
+            {
+                new.checkpoint = Some(Checkpoint { next_index: upto.index + 1, end_pos: cp.end_pos });
             }
             new.store(self.fs.as_ref(), &self.dir)?;
             *meta = new;
@@ -1378,4 +1435,4 @@ impl std::fmt::Debug for CommitLog {
 
 #[cfg(test)]
 #[path = "log_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -179,12 +179,11 @@ fn torn_last_write_is_cut_cleanly() {
     let log = env.open();
     append(&log, 0, 20, 1, 200);
     log.sync().unwrap();
-    // The last write: records 20..30 (the index slots are written after them,
-    // so tear by hand: only the data write is kept partly).
+    // The last data write: records 20..30, of which nothing lands.
     append(&log, 20, 30, 1, 200);
     drop(log);
     // Keep 3.5 records of the batch.
-    env.fs.crash(CrashMode::TearLastWrite { keep_bytes: 0 }).unwrap();
+    env.fs.crash(CrashMode::TearLastWrite { keep_bytes: 0, suffix: ".seg" }).unwrap();
     let log = env.open();
     assert_eq!(log.last_entry().unwrap().index, 19);
     drop(log);
@@ -508,4 +507,108 @@ fn unsynced_bytes_stay_bounded() {
     }
     assert!(env.fs.sync_count() > s0, "the unsynced window forced syncs");
     log.check_invariants();
+}
+
+/// Found by the model test: purge to an empty log, append, sync, then two
+/// crashes in a row lost the synced entry.
+#[test]
+fn synced_entry_after_purge_to_empty_survives_two_crashes() {
+    let env = Env::new();
+    let log = env.open();
+    append(&log, 0, 11, 1, 2526);
+    append(&log, 11, 23, 1, 2825);
+    log.purge(StoredLogId { term: 1, leader_node: 1, index: 0 }).unwrap();
+    log.purge(StoredLogId { term: 1, leader_node: 1, index: 22 }).unwrap();
+    append(&log, 23, 24, 1, 2603);
+    log.sync().unwrap();
+    drop(log);
+    env.fs.crash(CrashMode::LoseUnsynced).unwrap();
+    let log = env.open();
+    assert_eq!(log.last_entry().map(|l| l.index), Some(23));
+    drop(log);
+    env.fs.crash(CrashMode::LoseUnsynced).unwrap();
+    let log = env.open();
+    assert_eq!(log.last_entry().map(|l| l.index), Some(23));
+    assert_entries(&log, 23, 24, 2603);
+}
+
+/// Review finding D1: a truncation must not drop other segments' unsynced
+/// writes from the next sync.
+#[test]
+fn truncation_keeps_earlier_unsynced_entries_syncable() {
+    let env = Env::new();
+    let log = env.open();
+    append(&log, 0, 55, 1, 1000);
+    log.sync().unwrap();
+    append(&log, 55, 80, 1, 1000);
+    assert!(env.segments().len() >= 2);
+    log.truncate_after(Some(70)).unwrap();
+    log.sync().unwrap();
+    drop(log);
+    env.fs.crash(CrashMode::LoseUnsynced).unwrap();
+    let log = env.open();
+    assert_eq!(log.last_entry().unwrap().index, 70);
+    assert_entries(&log, 0, 71, 1000);
+}
+
+/// Review finding D2: a log need not begin at index 0.
+#[test]
+fn log_starting_above_zero_reopens() {
+    let env = Env::new();
+    let log = env.open();
+    append(&log, 5, 8, 1, 100);
+    drop(log);
+    let log = env.open();
+    assert_eq!(log.first_index(), 5);
+    assert_entries(&log, 5, 8, 100);
+    log.close().unwrap();
+    let log = env.open();
+    assert_eq!(log.first_index(), 5);
+    assert_entries(&log, 5, 8, 100);
+}
+
+/// Review finding D3: after a purge past the end, an index rebuild accepts
+/// the jump from the purged records to the first kept one.
+#[test]
+fn index_rebuild_after_purge_past_the_end() {
+    let env = Env::new();
+    let log = env.open();
+    append(&log, 0, 30, 1, 100);
+    log.purge(StoredLogId { term: 1, leader_node: 1, index: 50 }).unwrap();
+    append(&log, 51, 60, 2, 100);
+    log.close().unwrap();
+    for f in std::fs::read_dir(env.dir.path().join("index")).unwrap() {
+        std::fs::remove_file(f.unwrap().path()).unwrap();
+    }
+    let (log, report) = CommitLog::open(env.dir.path(), env.config.clone(), Arc::new(env.fs.clone())).unwrap();
+    assert!(report.index_rebuilt_from.is_some() || report.scanned_entries > 0);
+    assert_eq!(log.first_index(), 51);
+    assert_entries(&log, 51, 60, 100);
+}
+
+/// Review finding P1: a lost page inside the last unsynced write, with later
+/// pages of it on disk, is a torn tail: cut, not left behind the end.
+#[test]
+fn hole_inside_a_torn_write_is_cut() {
+    let env = Env::new();
+    let log = env.open();
+    append(&log, 0, 10, 1, 1000);
+    log.sync().unwrap();
+    let end = log.end_pos();
+    append(&log, 10, 20, 1, 1000);
+    drop(log);
+    // The unsynced write persisted except for its first 2 KiB.
+    let seg = env.segments()[0].clone();
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; 2048], end).unwrap();
+    drop(f);
+    let (log, report) = CommitLog::open(env.dir.path(), env.config.clone(), Arc::new(env.fs.clone())).unwrap();
+    assert_eq!(log.last_entry().unwrap().index, 9);
+    assert!(report.torn_tail_bytes.is_some());
+    append(&log, 10, 12, 2, 1000);
+    log.check_invariants();
+    drop(log);
+    let log = env.open();
+    assert_entries(&log, 0, 10, 1000);
+    assert_eq!(log.read(11).unwrap().term, 2);
 }
