@@ -141,7 +141,7 @@ impl FaultFs {
             CrashMode::LoseUnsynced => None,
         };
         let torn_prefix = match (mode, &last) {
-            (CrashMode::TearLastWrite { keep_bytes, .. }, Some((path, offset, len))) => {
+            (CrashMode::TearLastWrite { keep_bytes, .. }, Some((path, offset, len))) if path.exists() => {
                 let keep = keep_bytes.min(*len);
                 let f = StdFile::open(path, false)?;
                 let mut buf = vec![0u8; keep];
@@ -299,6 +299,7 @@ impl FileSystem for FaultFs {
         let mut st = self.lock();
         st.undo.remove(path);
         st.created.remove(path);
+        st.recent_writes.retain(|(p, _, _)| p != path);
         StdFs.remove_file(path)
     }
 
@@ -306,6 +307,9 @@ impl FileSystem for FaultFs {
         let mut st = self.lock();
         if let Some(u) = st.undo.remove(from) {
             st.undo.insert(to.to_path_buf(), u);
+        }
+        for w in st.recent_writes.iter_mut().filter(|(p, _, _)| p == from) {
+            w.0 = to.to_path_buf();
         }
         if st.created.remove(from) {
             st.created.insert(to.to_path_buf());

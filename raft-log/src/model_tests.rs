@@ -183,6 +183,20 @@ fn run(ops: Vec<Op>) {
     }
 }
 
+/// Found by a long run: a torn-write crash named an index file a purge had deleted.
+#[test]
+fn regression_tear_after_purge_deleted_the_file() {
+    run(vec![
+        Op::Purge { ahead: 19 },
+        Op::Purge { ahead: 22 },
+        Op::Append { count: 1, len: 0, bump_term: false },
+        Op::Truncate { back: 1 },
+        Op::Reopen,
+        Op::Purge { ahead: 20 },
+        Op::Crash { tear: Some((0, false)) },
+    ]);
+}
+
 proptest! {
     // PROPTEST_CASES overrides the count for long runs.
     #![proptest_config(ProptestConfig {
