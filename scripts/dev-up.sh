@@ -7,11 +7,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
 cargo build --release --workspace --bins
-if [ -x scripts/cluster.sh ]; then
-    exec bash scripts/cluster.sh start
-fi
-# Until the broker exists (issue #3) there is no cluster to start: what exists
-# is the CommitLog, so run its short benchmark as a smoke check.
-echo "dev-up: the broker and name server are not built yet (issue #3);"
-echo "dev-up: running the CommitLog's short benchmark instead."
-cargo bench -p raft-log --bench append -- --quick
+exec bash scripts/cluster.sh start

@@ -4,9 +4,9 @@
 set -euo pipefail
 
 # Debian packages: C toolchain and clang/libclang (rocksdb's bindgen),
-# protoc (gRPC code generation), python3-venv (official-client tests),
+# protoc and the well-known .proto types (gRPC code generation), python3-venv (official-client tests),
 # iproute2 (network namespaces for fault tests).
-PACKAGES=(build-essential pkg-config clang libclang-dev protobuf-compiler python3-venv iproute2)
+PACKAGES=(build-essential pkg-config clang libclang-dev protobuf-compiler libprotobuf-dev python3-venv iproute2)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -5,4 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+# The cluster tests run the real binaries. `--tests` keeps the feature set
+# the same as `cargo test` (dev-dependencies on), so RocksDB is built once.
+cargo build --workspace --bins --tests
 cargo test --workspace "$@"

@@ -1,1 +1,165 @@
-//! Shared helpers for the end-to-end test binary `tests/e2e.rs`.
+//! Shared helpers for the end-to-end test binary `tests/e2e.rs`: a local
+//! cluster of real `raftmq-namesrv` and `raftmq-broker` processes on loopback.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::path::PathBuf;
+use std::process::Child;
+use std::process::Command;
+use std::process::Stdio;
+use std::time::Duration;
+use std::time::Instant;
+
+/// Where cargo put the workspace binaries (next to the test binary's `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_path_buf()
+}
+
+/// Path of a workspace binary; panics with a hint when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} missing: run `cargo build --workspace --bins` first (scripts/test.sh does)", p.display());
+    p
+}
+
+/// Free loopback ports (bound then released).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
+    listeners.iter().map(|l| l.local_addr().expect("addr").port()).collect()
+}
+
+/// A running test cluster. Killed on drop.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub namesrv_addr: String,
+    pub nodes: Vec<(u64, String)>,
+    namesrv: Option<Child>,
+    brokers: Vec<Option<Child>>,
+    extra_config: String,
+}
+
+impl Cluster {
+    /// Starts a name server and a group of `n` brokers; `extra_config` is
+    /// appended to every node's TOML.
+    pub fn start(dir: &Path, n: usize, extra_config: &str) -> Cluster {
+        let ports = free_ports(n + 1);
+        let namesrv_addr = format!("127.0.0.1:{}", ports[0]);
+        let nodes: Vec<(u64, String)> = (0..n).map(|i| (i as u64 + 1, format!("127.0.0.1:{}", ports[i + 1]))).collect();
+        let log = std::fs::File::create(dir.join("namesrv.log")).expect("log file");
+        let namesrv = Command::new(bin("raftmq-namesrv"))
+            .args(["--listen", &namesrv_addr])
+            .stdout(log.try_clone().expect("clone"))
+            .stderr(log)
+            .spawn()
+            .expect("start namesrv");
+        let mut c = Cluster {
+            dir: dir.to_path_buf(),
+            namesrv_addr,
+            nodes,
+            namesrv: Some(namesrv),
+            brokers: (0..n).map(|_| None).collect(),
+            extra_config: extra_config.to_string(),
+        };
+        for i in 0..n {
+            c.write_config(i);
+            c.start_node(i);
+        }
+        c
+    }
+
+    fn write_config(&self, i: usize) {
+        let (id, _) = &self.nodes[i];
+        let peers: String = self.nodes.iter().map(|(id, a)| format!("{id} = \"{a}\"\n")).collect();
+        let toml = format!(
+            "broker_name = \"broker-a\"\nnode_id = {id}\ndata_dir = \"{}\"\nnamesrv = [\"{}\"]\n{}\n[peers]\n{peers}\n[log]\nsegment_bytes = 16777216\nmax_entry_bytes = 8388608\n",
+            self.dir.join(format!("n{id}")).display(),
+            self.namesrv_addr,
+            self.extra_config,
+        );
+        std::fs::write(self.dir.join(format!("n{id}.toml")), toml).expect("write config");
+    }
+
+    /// Starts (or restarts) node index `i`.
+    pub fn start_node(&mut self, i: usize) {
+        let (id, _) = &self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("n{id}.log")))
+            .expect("log file");
+        let child = Command::new(bin("raftmq-broker"))
+            .args(["--config", &self.dir.join(format!("n{id}.toml")).display().to_string()])
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(log.try_clone().expect("clone"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start broker");
+        self.brokers[i] = Some(child);
+    }
+
+    /// kill -9 of node index `i`.
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut c) = self.brokers[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM of node index `i` (clean stop: hands leadership over).
+    pub fn stop_node(&mut self, i: usize) {
+        if let Some(mut c) = self.brokers[i].take() {
+            // SAFETY: plain kill(2) on a child we own.
+            unsafe { libc_kill(c.id() as i32, 15) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes.iter().map(|(_, a)| a.clone()).collect()
+    }
+
+    pub fn index_of(&self, node_id: u64) -> usize {
+        self.nodes.iter().position(|(id, _)| *id == node_id).expect("node id")
+    }
+
+    /// Prints the last lines of every node's log (for failing tests).
+    pub fn dump_logs(&self) {
+        for (id, _) in &self.nodes {
+            let p = self.dir.join(format!("n{id}.log"));
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            eprintln!("---- node {id} log (last 30 lines) ----");
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.brokers.len() {
+            self.kill_node(i);
+        }
+        if let Some(mut c) = self.namesrv.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

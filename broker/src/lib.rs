@@ -1,4 +1,28 @@
-//! One node of a RaftMQ broker group: openraft node, state machine, client API.
+//! One node of a RaftMQ broker group.
 //!
-//! This crate is part of the layout set by issue #2 and is still empty: its
-//! work is tracked in issue #3. See `ARCHITECTURE.md` for where it fits.
+//! - [`config`]: TOML configuration, every default documented;
+//! - [`command`]: the commands a Raft entry carries (message batches, control);
+//! - [`sm`]: the state machine (ConsumeQueues in [`cq`], state in RocksDB);
+//! - [`node`]: CommitLog + state machine + openraft; proposing to the leader;
+//! - [`network`]: the Raft transport over gRPC;
+//! - [`messaging`]: the RocketMQ 5 client API (`apache.rocketmq.v2`);
+//! - [`admin`]: the admin API (CLI, forwarding, follower reads);
+//! - [`registry`]: registration with the name servers;
+//! - [`server`]: one gRPC port serving all of the above.
+
+pub mod admin;
+pub mod command;
+pub mod config;
+pub mod cq;
+pub mod error;
+pub mod messaging;
+pub mod network;
+pub mod node;
+pub mod registry;
+pub mod server;
+pub mod sm;
+pub mod types;
+
+pub use config::BrokerConfig;
+pub use error::BrokerError;
+pub use node::BrokerNode;

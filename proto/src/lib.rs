@@ -1,4 +1,30 @@
-//! RaftMQ protocol definitions: RocketMQ 5 gRPC API, Raft transport, admin.
+//! RaftMQ protocol definitions, generated from `proto/`:
 //!
-//! This crate is part of the layout set by issue #2 and is still empty: its
-//! work is tracked in issue #3. See `ARCHITECTURE.md` for where it fits.
+//! - [`rocketmq`]: `apache.rocketmq.v2`, the RocketMQ 5 gRPC client API
+//!   (wire-compatible with the official clients; see `PROTOCOL-NOTES.md`);
+//! - [`raft`]: the Raft transport between the nodes of a group;
+//! - [`store`]: how a message is stored in a CommitLog entry;
+//! - [`admin`]: the admin API of a node (CLI, forwarding, follower reads);
+//! - [`namesrv`]: the name server.
+
+#![allow(clippy::all, missing_docs)]
+
+pub mod rocketmq {
+    tonic::include_proto!("apache.rocketmq.v2");
+}
+
+pub mod raft {
+    tonic::include_proto!("raftmq.raft");
+}
+
+pub mod store {
+    tonic::include_proto!("raftmq.store");
+}
+
+pub mod admin {
+    tonic::include_proto!("raftmq.admin");
+}
+
+pub mod namesrv {
+    tonic::include_proto!("raftmq.namesrv");
+}

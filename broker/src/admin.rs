@@ -1,0 +1,294 @@
+//! The admin API of a node (`raftmq.admin.AdminService`): used by the CLI,
+//! by other nodes to forward commands to the leader, and by a loaded leader to
+//! have a follower serve message reads.
+
+use openraft::async_runtime::watch::WatchReceiver;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use openraft::BasicNode;
+use openraft::ChangeMembers;
+use openraft::ServerState;
+use raftmq_proto::admin as pb;
+use raftmq_proto::admin::admin_service_server::AdminService;
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+
+use crate::command;
+use crate::command::Control;
+use crate::command::RefusedCode;
+use crate::error::BrokerError;
+use crate::node::BrokerNode;
+use crate::sm::check_name;
+
+pub struct Admin {
+    pub node: Arc<BrokerNode>,
+}
+
+fn role(s: ServerState) -> &'static str {
+    match s {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+fn refused_status(code: RefusedCode, message: String) -> Status {
+    match code {
+        RefusedCode::TopicNotFound => Status::not_found(message),
+        RefusedCode::TopicExists => Status::already_exists(message),
+        _ => Status::failed_precondition(message),
+    }
+}
+
+impl Admin {
+    async fn control(&self, c: Control) -> Result<pb::AdminReply, Status> {
+        match self.node.propose(command::encode_control(&c)).await.map_err(|e| e.to_status())?.0 {
+            command::Response::Refused { code, message } => Err(refused_status(code, message)),
+            _ => Ok(pb::AdminReply { message: "OK".into() }),
+        }
+    }
+
+    pub fn node_status(&self) -> pb::NodeStatus {
+        let n = &self.node;
+        let m = n.raft.metrics().borrow_watched().clone();
+        let commit = m.local_committed.map(|l| l.index).unwrap_or(0);
+        let followers = m
+            .replication
+            .as_ref()
+            .map(|r| {
+                let last = m.last_log_index.unwrap_or(0);
+                r.iter()
+                    .filter(|(id, _)| **id != n.id())
+                    .map(|(id, l)| {
+                        let matched = l.map(|l| l.index).unwrap_or(0);
+                        pb::FollowerLag { node_id: *id, matched_index: matched, lag: last.saturating_sub(matched) }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        pb::NodeStatus {
+            node_id: n.id(),
+            broker_name: n.config.broker_name.clone(),
+            address: n.config.advertised_addr(),
+            role: role(m.state).into(),
+            term: m.current_term,
+            commit_index: commit,
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            leader_id: m.current_leader,
+            reads_served: n.stats.reads_served.load(Ordering::Relaxed),
+            follower_reads_served: n.stats.follower_reads_served.load(Ordering::Relaxed),
+            followers,
+            disk_bytes: n.log.disk_bytes(),
+            error: String::new(),
+        }
+    }
+
+    fn leader_addr(&self) -> Result<String, Status> {
+        let m = self.node.raft.metrics().borrow_watched().clone();
+        let leader = m.current_leader.ok_or_else(|| Status::unavailable("no leader right now; retry"))?;
+        m.membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
+            .ok_or_else(|| Status::unavailable(format!("leader {leader} is not in the membership")))
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn create_topic(&self, req: Request<pb::CreateTopicRequest>) -> Result<Response<pb::AdminReply>, Status> {
+        let req = req.into_inner();
+        let t = req.topic.ok_or_else(|| Status::invalid_argument("no topic given"))?;
+        check_name("topic", &t.name).map_err(|e| e.to_status())?;
+        if t.queues == 0 || t.queues > 1024 {
+            return Err(Status::invalid_argument(format!("queues must be 1 to 1024, got {}", t.queues)));
+        }
+        let mt = if t.message_type == 0 { 1 } else { t.message_type };
+        if !(1..=4).contains(&mt) {
+            return Err(Status::invalid_argument(format!(
+                "message type must be 1 (NORMAL), 2 (FIFO), 3 (DELAY) or 4 (TRANSACTION), got {mt}"
+            )));
+        }
+        let c = Control::CreateTopic { name: t.name, queues: t.queues, message_type: mt, update: req.update };
+        Ok(Response::new(self.control(c).await?))
+    }
+
+    async fn delete_topic(&self, req: Request<pb::DeleteTopicRequest>) -> Result<Response<pb::AdminReply>, Status> {
+        let name = req.into_inner().name;
+        check_name("topic", &name).map_err(|e| e.to_status())?;
+        Ok(Response::new(self.control(Control::DeleteTopic { name }).await?))
+    }
+
+    async fn list_topics(&self, _req: Request<pb::Empty>) -> Result<Response<pb::ListTopicsReply>, Status> {
+        let st = self.node.sm.read();
+        let topics = st
+            .topics
+            .values()
+            .map(|t| pb::TopicStatus {
+                config: Some(pb::TopicConfig { name: t.name.clone(), queues: t.queues, message_type: t.message_type }),
+                queues: (0..t.queues)
+                    .map(|q| pb::QueueStatus {
+                        queue_id: q,
+                        min_offset: 0,
+                        max_offset: st.queues.get(&(t.name.clone(), q)).map(|c| c.max_offset()).unwrap_or(0),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListTopicsReply { topics }))
+    }
+
+    async fn get_node_status(&self, _req: Request<pb::Empty>) -> Result<Response<pb::NodeStatus>, Status> {
+        Ok(Response::new(self.node_status()))
+    }
+
+    async fn cluster_status(&self, _req: Request<pb::Empty>) -> Result<Response<pb::ClusterStatusReply>, Status> {
+        let membership = self.node.raft.metrics().borrow_watched().membership_config.membership().clone();
+        let mut nodes = Vec::new();
+        for (id, node) in membership.nodes() {
+            if *id == self.node.id() {
+                nodes.push(self.node_status());
+                continue;
+            }
+            let status = match self.node.admin_client(&node.addr) {
+                Ok(mut c) => {
+                    let mut r = Request::new(pb::Empty {});
+                    r.set_timeout(Duration::from_secs(1));
+                    c.get_node_status(r).await.map(|r| r.into_inner()).map_err(|s| s.message().to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            nodes.push(status.unwrap_or_else(|e| pb::NodeStatus {
+                node_id: *id,
+                broker_name: self.node.config.broker_name.clone(),
+                address: node.addr.clone(),
+                role: "unreachable".into(),
+                error: e,
+                ..Default::default()
+            }));
+        }
+        Ok(Response::new(pb::ClusterStatusReply { nodes }))
+    }
+
+    async fn consumer_progress(
+        &self,
+        req: Request<pb::ConsumerProgressRequest>,
+    ) -> Result<Response<pb::ConsumerProgressReply>, Status> {
+        let req = req.into_inner();
+        let st = self.node.sm.read();
+        let mut queues = Vec::new();
+        for ((group, topic, q), g) in st.groups.iter() {
+            if *group != req.group || (!req.topic.is_empty() && *topic != req.topic) {
+                continue;
+            }
+            let max = st.queues.get(&(topic.clone(), *q)).map(|c| c.max_offset()).unwrap_or(0);
+            queues.push(pb::QueueProgress {
+                topic: topic.clone(),
+                queue_id: *q,
+                consumer_offset: g.committed,
+                max_offset: max,
+                lag: max.saturating_sub(g.committed),
+                inflight: g.inflight.len() as u64,
+            });
+        }
+        if queues.is_empty() {
+            return Err(Status::not_found(format!("consumer group {} has consumed nothing here", req.group)));
+        }
+        queues.sort_by(|a, b| (&a.topic, a.queue_id).cmp(&(&b.topic, b.queue_id)));
+        let total_lag = queues.iter().map(|q| q.lag).sum();
+        Ok(Response::new(pb::ConsumerProgressReply { queues, total_lag }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::AdminReply>, Status> {
+        let to = req.into_inner().to_node;
+        if !self.node.config.peers.contains_key(&to)
+            && self.node.raft.metrics().borrow_watched().membership_config.membership().get_node(&to).is_none()
+        {
+            return Err(Status::invalid_argument(format!("node {to} is not in the group")));
+        }
+        if !self.node.is_leader() {
+            let addr = self.leader_addr()?;
+            let mut c = self.node.admin_client(&addr).map_err(|e| e.to_status())?;
+            return c.transfer_leader(pb::TransferLeaderRequest { to_node: to }).await;
+        }
+        if to == self.node.id() {
+            return Ok(Response::new(pb::AdminReply { message: format!("node {to} already leads") }));
+        }
+        self.node.raft.trigger().transfer_leader(to).await.map_err(|e| Status::internal(e.to_string()))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < deadline {
+            if self.node.leader_id() == Some(to) {
+                return Ok(Response::new(pb::AdminReply { message: format!("node {to} leads now") }));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(Status::deadline_exceeded(format!("node {to} did not take over within 5 s")))
+    }
+
+    async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> Result<Response<pb::AdminReply>, Status> {
+        let req = req.into_inner();
+        if !self.node.is_leader() {
+            let addr = self.leader_addr()?;
+            let mut c = self.node.admin_client(&addr).map_err(|e| e.to_status())?;
+            return c.add_node(req).await;
+        }
+        let raft = &self.node.raft;
+        raft.add_learner(req.node_id, BasicNode { addr: req.address.clone() }, true)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("adding node {} as learner: {e}", req.node_id)))?;
+        raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([req.node_id])), false)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("promoting node {}: {e}", req.node_id)))?;
+        Ok(Response::new(pb::AdminReply { message: format!("node {} at {} is a voter", req.node_id, req.address) }))
+    }
+
+    async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::AdminReply>, Status> {
+        let req = req.into_inner();
+        if !self.node.is_leader() {
+            let addr = self.leader_addr()?;
+            let mut c = self.node.admin_client(&addr).map_err(|e| e.to_status())?;
+            return c.remove_node(req).await;
+        }
+        self.node
+            .raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([req.node_id])), false)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("removing node {}: {e}", req.node_id)))?;
+        Ok(Response::new(pb::AdminReply { message: format!("node {} removed", req.node_id) }))
+    }
+
+    async fn propose(&self, req: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
+        let cmd = req.into_inner().command;
+        // Decode first: a malformed command never reaches the log.
+        command::decode(&cmd).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (resp, index) = self.node.propose_local(cmd.to_vec()).await.map_err(|e| e.to_status())?;
+        Ok(Response::new(pb::ProposeReply {
+            response: rmp_serde::to_vec(&resp).expect("encodes").into(),
+            log_index: index,
+        }))
+    }
+
+    async fn read(&self, req: Request<pb::ReadRequest>) -> Result<Response<pb::ReadReply>, Status> {
+        let req = req.into_inner();
+        let wait = Duration::from_millis(u64::from(req.wait_ms.min(5000)));
+        self.node.sm.wait_applied(req.min_applied, wait).await.map_err(|e| e.to_status())?;
+        let read = self.node.sm.read_messages(&req.topic, req.queue_id, &req.offsets).map_err(|e| e.to_status())?;
+        if read.len() != req.offsets.len() {
+            return Err(BrokerError::NoLeader("follower has not applied these offsets".into()).to_status());
+        }
+        let n = read.len() as u64;
+        self.node.stats.reads_served.fetch_add(n, Ordering::Relaxed);
+        self.node.stats.follower_reads_served.fetch_add(n, Ordering::Relaxed);
+        Ok(Response::new(pb::ReadReply { messages: read.into_iter().map(|r| r.raw).collect() }))
+    }
+}

@@ -1,0 +1,218 @@
+//! Broker commands: what a Raft entry of a broker group says.
+//!
+//! Every state change is a command in the Raft log. Two encodings, told
+//! apart by the first byte of the entry body:
+//!
+//! - `SEND` (1), a message batch, laid out so that every message's bytes
+//!   sit at a known offset of the entry (the ConsumeQueue points at them):
+//!   `1 | topic_len u16 | topic | queue_id u32 | count u32 | (len u32 | StoredMessage)*`
+//! - `CONTROL` (2): a [`Control`] encoded with MessagePack.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::error::BrokerError;
+
+pub const SEND: u8 = 1;
+pub const CONTROL: u8 = 2;
+
+/// Commands other than message batches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Control {
+    CreateTopic {
+        name: String,
+        queues: u32,
+        message_type: i32,
+        update: bool,
+    },
+    DeleteTopic {
+        name: String,
+    },
+    /// Take up to `max` messages of `queues` for `group`: first those whose
+    /// invisibility expired, then new ones; they become invisible until
+    /// `now_ms + invisible_ms`. `now_ms` is the proposer's clock, so every node
+    /// applies the same result.
+    Pop {
+        group: String,
+        topic: String,
+        queues: Vec<u32>,
+        max: u32,
+        invisible_ms: u64,
+        now_ms: u64,
+    },
+    /// Settle a popped message. `pop_index` is the log index of the Pop (or
+    /// ChangeInvisible) that handed it out: a stale handle does nothing.
+    Ack {
+        group: String,
+        topic: String,
+        queue: u32,
+        offset: u64,
+        pop_index: u64,
+    },
+    ChangeInvisible {
+        group: String,
+        topic: String,
+        queue: u32,
+        offset: u64,
+        pop_index: u64,
+        invisible_ms: u64,
+        now_ms: u64,
+    },
+    /// Set a group's committed offset (pull consumers).
+    UpdateOffset {
+        group: String,
+        topic: String,
+        queue: u32,
+        offset: u64,
+    },
+}
+
+/// A message handed out by a Pop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Popped {
+    pub queue: u32,
+    pub offset: u64,
+    /// 1 for the first delivery.
+    pub attempt: u32,
+}
+
+/// The result of applying a command: the openraft response type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub enum Response {
+    #[default]
+    Done,
+    /// Queue offsets given to a batch: `first_offset .. first_offset + count`.
+    Sent { queue: u32, first_offset: u64, count: u32 },
+    /// Messages popped; their receipt handles carry this entry's log index.
+    Popped { messages: Vec<Popped> },
+    /// The command was refused when applied (the same on every node).
+    Refused { code: RefusedCode, message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusedCode {
+    TopicNotFound,
+    TopicExists,
+    BadQueue,
+    InvalidReceiptHandle,
+    BadRequest,
+}
+
+/// A message batch, decoded without copying message bytes.
+#[derive(Debug, Clone)]
+pub struct SendBatch {
+    pub topic: String,
+    pub queue: u32,
+    /// (offset of the message bytes within the entry body, the bytes).
+    pub messages: Vec<(u32, Bytes)>,
+}
+
+pub fn encode_send(topic: &str, queue: u32, messages: &[Vec<u8>]) -> Vec<u8> {
+    let total: usize = messages.iter().map(|m| m.len() + 4).sum();
+    let mut out = Vec::with_capacity(1 + 2 + topic.len() + 8 + total);
+    out.push(SEND);
+    out.extend_from_slice(&(topic.len() as u16).to_le_bytes());
+    out.extend_from_slice(topic.as_bytes());
+    out.extend_from_slice(&queue.to_le_bytes());
+    out.extend_from_slice(&(messages.len() as u32).to_le_bytes());
+    for m in messages {
+        out.extend_from_slice(&(m.len() as u32).to_le_bytes());
+        out.extend_from_slice(m);
+    }
+    out
+}
+
+pub fn encode_control(c: &Control) -> Vec<u8> {
+    let mut out = vec![CONTROL];
+    out.extend_from_slice(&rmp_serde::to_vec(c).expect("control encodes"));
+    out
+}
+
+/// A decoded entry body.
+#[derive(Debug, Clone)]
+pub enum Command {
+    Send(SendBatch),
+    Control(Control),
+}
+
+fn bad(what: &str) -> BrokerError {
+    BrokerError::Corrupt(format!("command: {what}"))
+}
+
+pub fn decode(body: &Bytes) -> Result<Command, BrokerError> {
+    let b = &body[..];
+    match b.first() {
+        Some(&SEND) => {
+            let mut at = 1usize;
+            let take = |at: &mut usize, n: usize| -> Result<&[u8], BrokerError> {
+                let s = b.get(*at..*at + n).ok_or_else(|| bad("truncated send batch"))?;
+                *at += n;
+                Ok(s)
+            };
+            let tlen = u16::from_le_bytes(take(&mut at, 2)?.try_into().expect("2")) as usize;
+            let topic = std::str::from_utf8(take(&mut at, tlen)?).map_err(|_| bad("topic not UTF-8"))?.to_string();
+            let queue = u32::from_le_bytes(take(&mut at, 4)?.try_into().expect("4"));
+            let count = u32::from_le_bytes(take(&mut at, 4)?.try_into().expect("4")) as usize;
+            if count > b.len() {
+                return Err(bad("message count larger than the entry"));
+            }
+            let mut messages = Vec::with_capacity(count);
+            for _ in 0..count {
+                let len = u32::from_le_bytes(take(&mut at, 4)?.try_into().expect("4")) as usize;
+                let start = at;
+                take(&mut at, len)?;
+                messages.push((start as u32, body.slice(start..start + len)));
+            }
+            if at != b.len() {
+                return Err(bad("trailing bytes after the send batch"));
+            }
+            Ok(Command::Send(SendBatch { topic, queue, messages }))
+        }
+        Some(&CONTROL) => {
+            Ok(Command::Control(rmp_serde::from_slice(&b[1..]).map_err(|e| bad(&format!("control: {e}")))?))
+        }
+        Some(k) => Err(bad(&format!("unknown kind {k}"))),
+        None => Err(bad("empty")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn control_roundtrip() {
+        let c = Control::Ack { group: "g".into(), topic: "t".into(), queue: 3, offset: 9, pop_index: 77 };
+        match decode(&Bytes::from(encode_control(&c))).unwrap() {
+            Command::Control(d) => assert_eq!(d, c),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn send_roundtrip_offsets_point_at_messages(
+            topic in "[a-zA-Z0-9_%-]{1,40}",
+            queue in 0u32..64,
+            msgs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 0..20),
+        ) {
+            let body = Bytes::from(encode_send(&topic, queue, &msgs));
+            let Command::Send(b) = decode(&body).unwrap() else { panic!("not a send") };
+            prop_assert_eq!(&b.topic, &topic);
+            prop_assert_eq!(b.queue, queue);
+            prop_assert_eq!(b.messages.len(), msgs.len());
+            for ((off, bytes), m) in b.messages.iter().zip(&msgs) {
+                prop_assert_eq!(&bytes[..], &m[..]);
+                prop_assert_eq!(&body[*off as usize..*off as usize + m.len()], &m[..]);
+            }
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
+            let _ = decode(&Bytes::from(bytes));
+        }
+    }
+}

@@ -1,0 +1,979 @@
+//! The client API: `apache.rocketmq.v2.MessagingService`, as the official
+//! RocketMQ 5 clients expect it (see `proto/PROTOCOL-NOTES.md`).
+//!
+//! Any node serves every call. Commands (send, pop, ack, ...) go to the group
+//! leader through Raft; message bytes are read from the local CommitLog once
+//! the local state machine has applied the command (a follower reads as soon
+//! as it catches up), or, when the leader is loaded, from a follower.
+
+use openraft::async_runtime::watch::WatchReceiver;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::SystemTime;
+use std::time::UNIX_EPOCH;
+
+use futures::Stream;
+use prost::Message as _;
+use raftmq_proto::admin::ReadRequest;
+use raftmq_proto::rocketmq as pb;
+use raftmq_proto::rocketmq::Code;
+use raftmq_proto::rocketmq::messaging_service_server::MessagingService;
+use raftmq_proto::store::StoredMessage;
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+
+use crate::command::Control;
+use crate::command::Popped;
+use crate::command::RefusedCode;
+use crate::command::{self};
+use crate::error::BrokerError;
+use crate::error::Result;
+use crate::node::BrokerNode;
+use crate::sm::ReadMessage;
+use crate::sm::check_name;
+
+type Stream_<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
+
+pub struct Messaging {
+    pub node: Arc<BrokerNode>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn ok() -> pb::Status {
+    pb::Status { code: Code::Ok as i32, message: "OK".into() }
+}
+
+fn err_status(e: &BrokerError) -> pb::Status {
+    pb::Status { code: e.code() as i32, message: e.to_string() }
+}
+
+fn code_status(code: Code, message: impl Into<String>) -> pb::Status {
+    pb::Status { code: code as i32, message: message.into() }
+}
+
+fn ts(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+}
+
+fn ts_ms(t: &prost_types::Timestamp) -> i64 {
+    t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
+}
+
+fn dur_ms(d: &prost_types::Duration) -> u64 {
+    (d.seconds.max(0) as u64) * 1000 + (d.nanos.max(0) as u64) / 1_000_000
+}
+
+fn dur(ms: u64) -> prost_types::Duration {
+    prost_types::Duration { seconds: (ms / 1000) as i64, nanos: ((ms % 1000) * 1_000_000) as i32 }
+}
+
+/// Receipt handle: `queue.offset.pop_index` (opaque to clients).
+pub fn encode_handle(queue: u32, offset: u64, pop_index: u64) -> String {
+    format!("{queue}.{offset}.{pop_index}")
+}
+
+pub fn decode_handle(h: &str) -> Result<(u32, u64, u64)> {
+    let bad = || BrokerError::InvalidReceiptHandle(format!("{h:?} is not a receipt handle of this broker"));
+    let mut it = h.split('.');
+    let q = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let o = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let p = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    if it.next().is_some() {
+        return Err(bad());
+    }
+    Ok((q, o, p))
+}
+
+/// Reads the deadline the client gave (`grpc-timeout` header).
+fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Converts a stored message to what a consumer receives.
+pub fn to_v2_message(
+    m: &StoredMessage,
+    namespace: &str,
+    queue: u32,
+    offset: u64,
+    attempt: Option<u32>,
+    handle: Option<String>,
+    store_host: &str,
+) -> pb::Message {
+    let sp = pb::SystemProperties {
+        tag: (!m.tag.is_empty()).then(|| m.tag.clone()),
+        keys: m.keys.clone(),
+        message_id: m.message_id.clone(),
+        body_digest: Some(pb::Digest {
+            r#type: pb::DigestType::Crc32 as i32,
+            checksum: format!("{:08X}", m.body_crc32),
+        }),
+        body_encoding: pb::Encoding::Identity as i32,
+        message_type: if m.message_type == 0 { pb::MessageType::Normal as i32 } else { m.message_type },
+        born_timestamp: Some(ts(m.born_timestamp_ms)),
+        born_host: m.born_host.clone(),
+        store_timestamp: Some(ts(m.store_timestamp_ms)),
+        store_host: store_host.to_string(),
+        delivery_timestamp: (m.delivery_timestamp_ms > 0).then(|| ts(m.delivery_timestamp_ms)),
+        receipt_handle: handle,
+        queue_id: queue as i32,
+        queue_offset: Some(offset as i64),
+        delivery_attempt: attempt.map(|a| a as i32),
+        message_group: (!m.message_group.is_empty()).then(|| m.message_group.clone()),
+        ..Default::default()
+    };
+    pb::Message {
+        topic: Some(pb::Resource { resource_namespace: namespace.to_string(), name: m.topic.clone() }),
+        user_properties: m.properties.clone(),
+        system_properties: Some(sp),
+        body: m.body.to_vec(),
+    }
+}
+
+fn total_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(8 << 30)
+}
+
+impl Messaging {
+    fn topic_conf_now(&self, topic: &str) -> Result<crate::sm::TopicConf> {
+        check_name("topic", topic)?;
+        self.node.sm.read().topics.get(topic).cloned().ok_or_else(|| BrokerError::TopicNotFound(topic.to_string()))
+    }
+
+    /// The topic's config. A follower may not have applied a topic the
+    /// leader just created: it waits up to a second for its applied index to
+    /// reach what it knows is committed before it answers "not found".
+    async fn topic_conf(&self, topic: &str) -> Result<crate::sm::TopicConf> {
+        match self.topic_conf_now(topic) {
+            Err(BrokerError::TopicNotFound(_)) if !self.node.is_leader() => {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+                while tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if let Ok(c) = self.topic_conf_now(topic) {
+                        return Ok(c);
+                    }
+                }
+                self.topic_conf_now(topic)
+            }
+            other => other,
+        }
+    }
+
+    fn advertised(&self) -> String {
+        self.node.config.advertised_addr()
+    }
+
+    /// Validates one message and turns it into its stored form.
+    fn to_stored(&self, m: &pb::Message, now: i64) -> Result<StoredMessage> {
+        let topic = m.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+        let limit = self.node.config.limits.max_body_bytes;
+        if m.body.len() > limit as usize {
+            return Err(BrokerError::BodyTooLarge { size: m.body.len(), limit });
+        }
+        let sp = m.system_properties.clone().unwrap_or_default();
+        if sp.message_id.is_empty() {
+            return Err(BrokerError::BadRequest("message without message_id".into()));
+        }
+        if sp.body_encoding == pb::Encoding::Gzip as i32 {
+            return Err(BrokerError::BadRequest("gzip bodies are not supported; send IDENTITY".into()));
+        }
+        let props_bytes: usize = m.user_properties.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if props_bytes > 32 * 1024 {
+            return Err(BrokerError::BadRequest(format!("user properties of {props_bytes} bytes exceed 32 KiB")));
+        }
+        Ok(StoredMessage {
+            topic,
+            message_id: sp.message_id,
+            tag: sp.tag.unwrap_or_default(),
+            keys: sp.keys,
+            properties: m.user_properties.clone(),
+            body: m.body.clone().into(),
+            born_timestamp_ms: sp.born_timestamp.as_ref().map(ts_ms).unwrap_or(now),
+            born_host: sp.born_host,
+            message_group: sp.message_group.unwrap_or_default(),
+            delivery_timestamp_ms: sp.delivery_timestamp.as_ref().map(ts_ms).unwrap_or(0),
+            store_timestamp_ms: now,
+            message_type: sp.message_type,
+            queue_id: 0,
+            body_crc32: crc32fast::hash(&m.body),
+        })
+    }
+
+    /// Stores messages (all of one topic); returns (message_id, offset) per message, in order.
+    pub async fn send(&self, messages: &[pb::Message]) -> Result<Vec<(String, u64)>> {
+        if messages.is_empty() {
+            return Err(BrokerError::BadRequest("no messages".into()));
+        }
+        if messages.len() > self.node.config.limits.max_batch_messages as usize {
+            return Err(BrokerError::BadRequest(format!(
+                "{} messages in one request; at most {}",
+                messages.len(),
+                self.node.config.limits.max_batch_messages
+            )));
+        }
+        let topic = messages[0].topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+        if messages.iter().any(|m| m.topic.as_ref().map(|t| t.name.as_str()) != Some(topic.as_str())) {
+            return Err(BrokerError::BadRequest("all messages of one request must have the same topic".into()));
+        }
+        let conf = self.topic_conf(&topic).await?;
+        let now = now_ms() as i64;
+        let rr = self.node.next_round_robin();
+        // Queue per message: FIFO groups hash to a fixed queue, others share one.
+        let mut by_queue: HashMap<u32, Vec<(usize, Vec<u8>)>> = HashMap::new();
+        for (i, m) in messages.iter().enumerate() {
+            let mut s = self.to_stored(m, now)?;
+            let queue = if s.message_group.is_empty() {
+                (rr % u64::from(conf.queues)) as u32
+            } else {
+                (crate::cq::tag_hash(&s.message_group) % u64::from(conf.queues)) as u32
+            };
+            s.queue_id = queue;
+            by_queue.entry(queue).or_default().push((i, s.encode_to_vec()));
+        }
+        let mut out = vec![(String::new(), 0u64); messages.len()];
+        for (queue, items) in by_queue {
+            let bodies: Vec<Vec<u8>> = items.iter().map(|(_, b)| b.clone()).collect();
+            let (resp, _) = self.node.propose(command::encode_send(&topic, queue, &bodies)).await?;
+            match resp {
+                command::Response::Sent { first_offset, .. } => {
+                    for (k, (i, _)) in items.iter().enumerate() {
+                        let id =
+                            messages[*i].system_properties.as_ref().map(|s| s.message_id.clone()).unwrap_or_default();
+                        out[*i] = (id, first_offset + k as u64);
+                    }
+                }
+                command::Response::Refused { code: RefusedCode::TopicNotFound, .. } => {
+                    return Err(BrokerError::TopicNotFound(topic));
+                }
+                command::Response::Refused { message, .. } => return Err(BrokerError::Refused(message)),
+                other => return Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
+            }
+        }
+        self.node.stats.messages_sent.fetch_add(messages.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Pops messages for a group, long-polling until `deadline`.
+    pub async fn pop(
+        &self,
+        group: &str,
+        topic: &str,
+        queues: Vec<u32>,
+        max: u32,
+        invisible_ms: u64,
+        poll: Duration,
+    ) -> Result<Vec<(Popped, u64, ReadMessage)>> {
+        let until = tokio::time::Instant::now() + poll;
+        loop {
+            let now = now_ms();
+            let notified = self.node.sm.activity.notified();
+            if self.node.sm.poppable(group, topic, &queues, now) {
+                let cmd = Control::Pop {
+                    group: group.to_string(),
+                    topic: topic.to_string(),
+                    queues: queues.clone(),
+                    max,
+                    invisible_ms,
+                    now_ms: now,
+                };
+                let (resp, index) = self.node.propose(command::encode_control(&cmd)).await?;
+                match resp {
+                    command::Response::Popped { messages } if !messages.is_empty() => {
+                        let read = self.read_popped(topic, &messages, index).await?;
+                        return Ok(messages.into_iter().zip(read).map(|(p, r)| (p, index, r)).collect());
+                    }
+                    command::Response::Popped { .. } => {}
+                    command::Response::Refused { code: RefusedCode::TopicNotFound, .. } => {
+                        return Err(BrokerError::TopicNotFound(topic.to_string()));
+                    }
+                    command::Response::Refused { message, .. } => return Err(BrokerError::Refused(message)),
+                    other => return Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
+                }
+            }
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                return Ok(Vec::new());
+            }
+            // Wake on new messages, on the next invisibility expiry, or at the end.
+            let mut wake = until;
+            if let Some(v) = self.node.sm.next_visible_ms(group, topic, &queues) {
+                let in_ms = v.saturating_sub(now_ms());
+                wake = wake.min(now + Duration::from_millis(in_ms.max(5)));
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// Reads popped messages: locally once applied here, or from a follower
+    /// when this node leads and is loaded.
+    async fn read_popped(&self, topic: &str, popped: &[Popped], index: u64) -> Result<Vec<ReadMessage>> {
+        let node = &self.node;
+        let inflight = node.stats.inflight_reads.fetch_add(1, Ordering::Relaxed) + 1;
+        let _guard = scopeguard(|| {
+            node.stats.inflight_reads.fetch_sub(1, Ordering::Relaxed);
+        });
+        let fr = &node.config.follower_read;
+        if fr.enabled && node.is_leader() {
+            let loaded = inflight > u64::from(fr.max_inflight_reads) || self.lag_over_memory_ratio(topic, popped);
+            if loaded && let Some(read) = self.read_from_follower(topic, popped, index).await {
+                return Ok(read);
+            }
+        }
+        node.sm.wait_applied(index, Duration::from_secs(2)).await?;
+        let out = self.read_local(topic, popped)?;
+        node.stats.reads_served.fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    fn read_local(&self, topic: &str, popped: &[Popped]) -> Result<Vec<ReadMessage>> {
+        let mut out = Vec::with_capacity(popped.len());
+        for p in popped {
+            let mut m = self.node.sm.read_messages(topic, p.queue, &[p.offset])?;
+            out.push(
+                m.pop().ok_or_else(|| BrokerError::Corrupt(format!("{topic}/{}/{} vanished", p.queue, p.offset)))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// RocketMQ's rule: a consumer far behind (unread bytes over a share of
+    /// memory) reads from a follower.
+    fn lag_over_memory_ratio(&self, topic: &str, popped: &[Popped]) -> bool {
+        let Some(first) = popped.first() else { return false };
+        let Ok(m) = self.node.sm.read_messages(topic, first.queue, &[first.offset]) else { return false };
+        let Some(m) = m.first() else { return false };
+        let behind = self.node.log.end_pos().saturating_sub(m.pos);
+        behind as f64 > self.node.config.follower_read.lag_memory_ratio * total_memory_bytes() as f64
+    }
+
+    async fn read_from_follower(&self, topic: &str, popped: &[Popped], index: u64) -> Option<Vec<ReadMessage>> {
+        let (followers, membership) = {
+            let m = self.node.raft.metrics();
+            let m = m.borrow_watched();
+            let followers: Vec<u64> = m
+                .replication
+                .as_ref()?
+                .iter()
+                .filter(|(id, matched)| **id != self.node.id() && matched.is_some_and(|l| l.index >= index))
+                .map(|(id, _)| *id)
+                .collect();
+            (followers, m.membership_config.membership().clone())
+        };
+        let pick = *followers.get((index as usize) % followers.len().max(1))?;
+        let addr = membership.get_node(&pick)?.addr.clone();
+        let mut client = self.node.admin_client(&addr).ok()?;
+        let mut by_queue: HashMap<u32, Vec<u64>> = HashMap::new();
+        for p in popped {
+            by_queue.entry(p.queue).or_default().push(p.offset);
+        }
+        let mut got: HashMap<(u32, u64), ReadMessage> = HashMap::new();
+        for (queue, offsets) in by_queue {
+            let req = ReadRequest {
+                topic: topic.to_string(),
+                queue_id: queue,
+                offsets: offsets.clone(),
+                min_applied: index,
+                wait_ms: self.node.config.follower_read.wait_ms,
+            };
+            let reply = client.read(req).await.ok()?.into_inner();
+            if reply.messages.len() != offsets.len() {
+                return None;
+            }
+            for (o, raw) in offsets.into_iter().zip(reply.messages) {
+                let message = StoredMessage::decode(raw.clone()).ok()?;
+                got.insert((queue, o), ReadMessage { queue, offset: o, pos: 0, message, raw });
+            }
+        }
+        tracing::debug!(follower = pick, n = popped.len(), "read served by a follower");
+        popped.iter().map(|p| got.remove(&(p.queue, p.offset))).collect()
+    }
+
+    fn queues_for(&self, conf: &crate::sm::TopicConf, mq: Option<&pb::MessageQueue>) -> Result<Vec<u32>> {
+        match mq.map(|q| q.id) {
+            None | Some(-1) => Ok((0..conf.queues).collect()),
+            Some(id) if id >= 0 && (id as u32) < conf.queues => Ok(vec![id as u32]),
+            Some(id) => Err(BrokerError::BadRequest(format!("topic {} has no queue {id}", conf.name))),
+        }
+    }
+
+    fn settings_reply(&self, s: &pb::Settings) -> pb::Settings {
+        let limits = &self.node.config.limits;
+        let mut out = s.clone();
+        match &mut out.pub_sub {
+            Some(pb::settings::PubSub::Publishing(p)) => {
+                p.max_body_size = limits.max_body_bytes as i32;
+                out.backoff_policy = Some(pb::RetryPolicy {
+                    max_attempts: 3,
+                    strategy: Some(pb::retry_policy::Strategy::ExponentialBackoff(pb::ExponentialBackoff {
+                        initial: Some(dur(10)),
+                        max: Some(dur(1000)),
+                        multiplier: 2.0,
+                    })),
+                });
+            }
+            Some(pb::settings::PubSub::Subscription(sub)) => {
+                if sub.long_polling_timeout.is_none() {
+                    sub.long_polling_timeout = Some(dur(limits.max_long_polling_ms));
+                }
+                sub.fifo.get_or_insert(false);
+                // RocketMQ's consumer backoff: 1s 5s 10s 30s 1m 2m ... 2h, 17 attempts.
+                let next = [1, 5, 10, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600, 1200, 1800, 3600, 7200]
+                    .into_iter()
+                    .map(|s| dur(s * 1000))
+                    .collect();
+                out.backoff_policy = Some(pb::RetryPolicy {
+                    max_attempts: limits.max_delivery_attempts as i32,
+                    strategy: Some(pb::retry_policy::Strategy::CustomizedBackoff(pb::CustomizedBackoff { next })),
+                });
+            }
+            None => {}
+        }
+        out.metric = Some(pb::Metric { on: false, endpoints: None });
+        out
+    }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct G<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for G<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f()
+            }
+        }
+    }
+    G(Some(f))
+}
+
+fn group_name(r: &Option<pb::Resource>) -> Result<String> {
+    let g = r.as_ref().map(|g| g.name.clone()).unwrap_or_default();
+    check_name("consumer group", &g)?;
+    Ok(g)
+}
+
+#[tonic::async_trait]
+impl MessagingService for Messaging {
+    type ReceiveMessageStream = Stream_<pb::ReceiveMessageResponse>;
+    type PullMessageStream = Stream_<pb::PullMessageResponse>;
+    type TelemetryStream = Stream_<pb::TelemetryCommand>;
+
+    async fn query_route(
+        &self,
+        req: Request<pb::QueryRouteRequest>,
+    ) -> std::result::Result<Response<pb::QueryRouteResponse>, Status> {
+        let req = req.into_inner();
+        let topic = req.topic.clone().unwrap_or_default();
+        let conf = match self.topic_conf(&topic.name).await {
+            Ok(c) => c,
+            Err(e) => {
+                return Ok(Response::new(pb::QueryRouteResponse {
+                    status: Some(err_status(&e)),
+                    message_queues: vec![],
+                }));
+            }
+        };
+        // Like the Java proxy: the endpoints the client used; this node serves
+        // (or forwards) everything for the group.
+        let endpoints = req.endpoints.filter(|e| !e.addresses.is_empty()).unwrap_or_else(|| {
+            let addr = self.advertised();
+            let (host, port) = addr.rsplit_once(':').unwrap_or((&addr, "0"));
+            pb::Endpoints {
+                scheme: pb::AddressScheme::IPv4 as i32,
+                addresses: vec![pb::Address { host: host.to_string(), port: port.parse().unwrap_or(0) }],
+            }
+        });
+        let message_queues = (0..conf.queues)
+            .map(|q| pb::MessageQueue {
+                topic: Some(topic.clone()),
+                id: q as i32,
+                permission: pb::Permission::ReadWrite as i32,
+                broker: Some(pb::Broker {
+                    name: self.node.config.broker_name.clone(),
+                    id: 0,
+                    endpoints: Some(endpoints.clone()),
+                }),
+                accept_message_types: vec![if conf.message_type == 0 {
+                    pb::MessageType::Normal as i32
+                } else {
+                    conf.message_type
+                }],
+            })
+            .collect();
+        Ok(Response::new(pb::QueryRouteResponse { status: Some(ok()), message_queues }))
+    }
+
+    async fn heartbeat(
+        &self,
+        _req: Request<pb::HeartbeatRequest>,
+    ) -> std::result::Result<Response<pb::HeartbeatResponse>, Status> {
+        Ok(Response::new(pb::HeartbeatResponse { status: Some(ok()) }))
+    }
+
+    async fn send_message(
+        &self,
+        req: Request<pb::SendMessageRequest>,
+    ) -> std::result::Result<Response<pb::SendMessageResponse>, Status> {
+        let req = req.into_inner();
+        let ids: Vec<String> = req
+            .messages
+            .iter()
+            .map(|m| m.system_properties.as_ref().map(|s| s.message_id.clone()).unwrap_or_default())
+            .collect();
+        let resp = match self.send(&req.messages).await {
+            Ok(results) => pb::SendMessageResponse {
+                status: Some(ok()),
+                entries: results
+                    .into_iter()
+                    .map(|(message_id, offset)| pb::SendResultEntry {
+                        status: Some(ok()),
+                        message_id,
+                        transaction_id: String::new(),
+                        offset: offset as i64,
+                        recall_handle: String::new(),
+                    })
+                    .collect(),
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "send refused");
+                let s = err_status(&e);
+                // One entry per message even on failure: the Rust client takes entries[0].
+                let entries = if ids.is_empty() { vec![String::new()] } else { ids }
+                    .into_iter()
+                    .map(|message_id| pb::SendResultEntry { status: Some(s.clone()), message_id, ..Default::default() })
+                    .collect();
+                pb::SendMessageResponse { status: Some(s), entries }
+            }
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn query_assignment(
+        &self,
+        req: Request<pb::QueryAssignmentRequest>,
+    ) -> std::result::Result<Response<pb::QueryAssignmentResponse>, Status> {
+        let req = req.into_inner();
+        let route = self
+            .query_route(Request::new(pb::QueryRouteRequest { topic: req.topic, endpoints: req.endpoints }))
+            .await?
+            .into_inner();
+        let assignments = route.message_queues.into_iter().map(|q| pb::Assignment { message_queue: Some(q) }).collect();
+        Ok(Response::new(pb::QueryAssignmentResponse { status: route.status, assignments }))
+    }
+
+    async fn receive_message(
+        &self,
+        req: Request<pb::ReceiveMessageRequest>,
+    ) -> std::result::Result<Response<Self::ReceiveMessageStream>, Status> {
+        let deadline = grpc_timeout(&req);
+        let namespace = req.get_ref().group.as_ref().map(|g| g.resource_namespace.clone()).unwrap_or_default();
+        let req = req.into_inner();
+        let limits = &self.node.config.limits;
+        let result: Result<Vec<pb::ReceiveMessageResponse>> = async {
+            let group = group_name(&req.group)?;
+            let mq = req.message_queue.as_ref();
+            let topic = mq.and_then(|q| q.topic.as_ref()).map(|t| t.name.clone()).unwrap_or_default();
+            let conf = self.topic_conf(&topic).await?;
+            let queues = self.queues_for(&conf, mq)?;
+            let max = (req.batch_size.max(1) as u32).min(limits.max_receive_batch);
+            let invisible_ms = req.invisible_duration.as_ref().map(dur_ms).unwrap_or(limits.default_invisible_ms);
+            if invisible_ms == 0 || invisible_ms > 12 * 3600 * 1000 {
+                return Err(BrokerError::BadRequest(format!("invisible duration {invisible_ms} ms outside (0, 12 h]")));
+            }
+            let mut poll = req.long_polling_timeout.as_ref().map(dur_ms).unwrap_or(limits.max_long_polling_ms);
+            poll = poll.min(limits.max_long_polling_ms);
+            if let Some(d) = deadline {
+                poll = poll.min((d.as_millis() as u64).saturating_sub(300));
+            }
+            let got = self.pop(&group, &topic, queues, max, invisible_ms, Duration::from_millis(poll)).await?;
+            let advertised = self.advertised();
+            let mut out = Vec::with_capacity(got.len() + 2);
+            out.push(pb::ReceiveMessageResponse {
+                content: Some(pb::receive_message_response::Content::Status(if got.is_empty() {
+                    code_status(Code::MessageNotFound, "no new message")
+                } else {
+                    ok()
+                })),
+            });
+            for (p, index, r) in got {
+                let handle = encode_handle(p.queue, p.offset, index);
+                let mut m = to_v2_message(
+                    &r.message,
+                    &namespace,
+                    p.queue,
+                    p.offset,
+                    Some(p.attempt),
+                    Some(handle),
+                    &advertised,
+                );
+                if let Some(sp) = m.system_properties.as_mut() {
+                    sp.invisible_duration = Some(dur(invisible_ms));
+                }
+                out.push(pb::ReceiveMessageResponse {
+                    content: Some(pb::receive_message_response::Content::Message(m)),
+                });
+            }
+            out.push(pb::ReceiveMessageResponse {
+                content: Some(pb::receive_message_response::Content::DeliveryTimestamp(ts(now_ms() as i64))),
+            });
+            Ok(out)
+        }
+        .await;
+        let items = match result {
+            Ok(items) => items,
+            Err(e) => vec![pb::ReceiveMessageResponse {
+                content: Some(pb::receive_message_response::Content::Status(err_status(&e))),
+            }],
+        };
+        Ok(Response::new(Box::pin(tokio_stream::iter(items.into_iter().map(Ok)))))
+    }
+
+    async fn ack_message(
+        &self,
+        req: Request<pb::AckMessageRequest>,
+    ) -> std::result::Result<Response<pb::AckMessageResponse>, Status> {
+        let req = req.into_inner();
+        let group = match group_name(&req.group) {
+            Ok(g) => g,
+            Err(e) => {
+                return Ok(Response::new(pb::AckMessageResponse { status: Some(err_status(&e)), entries: vec![] }));
+            }
+        };
+        let topic = req.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+        let mut entries = Vec::with_capacity(req.entries.len());
+        let mut first_err: Option<pb::Status> = None;
+        for e in &req.entries {
+            let r: Result<()> = async {
+                let (queue, offset, pop_index) = decode_handle(&e.receipt_handle)?;
+                let cmd = Control::Ack { group: group.clone(), topic: topic.clone(), queue, offset, pop_index };
+                match self.node.propose(command::encode_control(&cmd)).await?.0 {
+                    command::Response::Done => Ok(()),
+                    command::Response::Refused { code: RefusedCode::InvalidReceiptHandle, message } => {
+                        Err(BrokerError::InvalidReceiptHandle(message))
+                    }
+                    command::Response::Refused { message, .. } => Err(BrokerError::Refused(message)),
+                    other => Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
+                }
+            }
+            .await;
+            let status = match r {
+                Ok(()) => ok(),
+                Err(err) => {
+                    let s = err_status(&err);
+                    first_err.get_or_insert(s.clone());
+                    s
+                }
+            };
+            entries.push(pb::AckMessageResultEntry {
+                message_id: e.message_id.clone(),
+                receipt_handle: e.receipt_handle.clone(),
+                status: Some(status),
+            });
+        }
+        Ok(Response::new(pb::AckMessageResponse { status: Some(first_err.unwrap_or_else(ok)), entries }))
+    }
+
+    async fn forward_message_to_dead_letter_queue(
+        &self,
+        _req: Request<pb::ForwardMessageToDeadLetterQueueRequest>,
+    ) -> std::result::Result<Response<pb::ForwardMessageToDeadLetterQueueResponse>, Status> {
+        Ok(Response::new(pb::ForwardMessageToDeadLetterQueueResponse {
+            status: Some(code_status(Code::NotImplemented, "dead-letter queues are not implemented yet")),
+        }))
+    }
+
+    async fn pull_message(
+        &self,
+        req: Request<pb::PullMessageRequest>,
+    ) -> std::result::Result<Response<Self::PullMessageStream>, Status> {
+        let req = req.into_inner();
+        let advertised = self.advertised();
+        let result: Result<Vec<pb::PullMessageResponse>> = async {
+            let mq = req.message_queue.as_ref();
+            let topic = mq.and_then(|q| q.topic.as_ref()).map(|t| t.name.clone()).unwrap_or_default();
+            let conf = self.topic_conf(&topic).await?;
+            let queue = match mq.map(|q| q.id) {
+                Some(id) if id >= 0 && (id as u32) < conf.queues => id as u32,
+                other => return Err(BrokerError::BadRequest(format!("pull needs a queue of {topic}, got {other:?}"))),
+            };
+            if req.offset < 0 {
+                return Err(BrokerError::BadRequest(format!("offset {} is negative", req.offset)));
+            }
+            let start = req.offset as u64;
+            let n = (req.batch_size.max(1) as u64).min(u64::from(self.node.config.limits.max_receive_batch));
+            let poll = req
+                .long_polling_timeout
+                .as_ref()
+                .map(dur_ms)
+                .unwrap_or(0)
+                .min(self.node.config.limits.max_long_polling_ms);
+            let until = tokio::time::Instant::now() + Duration::from_millis(poll);
+            loop {
+                let notified = self.node.sm.activity.notified();
+                let (_, max) = self.node.sm.queue_range(&topic, queue).unwrap_or((0, 0));
+                if start < max || tokio::time::Instant::now() >= until {
+                    let offsets: Vec<u64> = (start..max.min(start + n)).collect();
+                    let read = self.node.sm.read_messages(&topic, queue, &offsets)?;
+                    self.node.stats.reads_served.fetch_add(read.len() as u64, Ordering::Relaxed);
+                    let mut out = vec![pb::PullMessageResponse {
+                        content: Some(pb::pull_message_response::Content::Status(if read.is_empty() {
+                            code_status(Code::MessageNotFound, "no new message")
+                        } else {
+                            ok()
+                        })),
+                    }];
+                    let next = start + read.len() as u64;
+                    for r in read {
+                        let m = to_v2_message(&r.message, "", queue, r.offset, None, None, &advertised);
+                        out.push(pb::PullMessageResponse {
+                            content: Some(pb::pull_message_response::Content::Message(m)),
+                        });
+                    }
+                    out.push(pb::PullMessageResponse {
+                        content: Some(pb::pull_message_response::Content::NextOffset(next.max(start) as i64)),
+                    });
+                    return Ok(out);
+                }
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep_until(until) => {}
+                }
+            }
+        }
+        .await;
+        let items = match result {
+            Ok(items) => items,
+            Err(e) => vec![pb::PullMessageResponse {
+                content: Some(pb::pull_message_response::Content::Status(err_status(&e))),
+            }],
+        };
+        Ok(Response::new(Box::pin(tokio_stream::iter(items.into_iter().map(Ok)))))
+    }
+
+    async fn update_offset(
+        &self,
+        req: Request<pb::UpdateOffsetRequest>,
+    ) -> std::result::Result<Response<pb::UpdateOffsetResponse>, Status> {
+        let req = req.into_inner();
+        let r: Result<()> = async {
+            let group = group_name(&req.group)?;
+            let mq = req.message_queue.as_ref().ok_or_else(|| BrokerError::BadRequest("no message queue".into()))?;
+            let topic = mq.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+            self.topic_conf(&topic).await?;
+            if mq.id < 0 || req.offset < 0 {
+                return Err(BrokerError::BadRequest("queue id and offset must not be negative".into()));
+            }
+            let cmd = Control::UpdateOffset { group, topic, queue: mq.id as u32, offset: req.offset as u64 };
+            match self.node.propose(command::encode_control(&cmd)).await?.0 {
+                command::Response::Done => Ok(()),
+                command::Response::Refused { message, .. } => Err(BrokerError::Refused(message)),
+                other => Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
+            }
+        }
+        .await;
+        let status = match r {
+            Ok(()) => ok(),
+            Err(e) => err_status(&e),
+        };
+        Ok(Response::new(pb::UpdateOffsetResponse { status: Some(status) }))
+    }
+
+    async fn get_offset(
+        &self,
+        req: Request<pb::GetOffsetRequest>,
+    ) -> std::result::Result<Response<pb::GetOffsetResponse>, Status> {
+        let req = req.into_inner();
+        let r: Result<u64> = (|| {
+            let group = group_name(&req.group)?;
+            let mq = req.message_queue.as_ref().ok_or_else(|| BrokerError::BadRequest("no message queue".into()))?;
+            let topic = mq.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+            self.topic_conf_now(&topic)?;
+            let st = self.node.sm.read();
+            Ok(st.groups.get(&(group, topic, mq.id.max(0) as u32)).map(|g| g.committed).unwrap_or(0))
+        })();
+        Ok(Response::new(match r {
+            Ok(o) => pb::GetOffsetResponse { status: Some(ok()), offset: o as i64 },
+            Err(e) => pb::GetOffsetResponse { status: Some(err_status(&e)), offset: 0 },
+        }))
+    }
+
+    async fn query_offset(
+        &self,
+        req: Request<pb::QueryOffsetRequest>,
+    ) -> std::result::Result<Response<pb::QueryOffsetResponse>, Status> {
+        let req = req.into_inner();
+        let r: Result<u64> = (|| {
+            let mq = req.message_queue.as_ref().ok_or_else(|| BrokerError::BadRequest("no message queue".into()))?;
+            let topic = mq.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+            self.topic_conf_now(&topic)?;
+            let (min, max) = self
+                .node
+                .sm
+                .queue_range(&topic, mq.id.max(0) as u32)
+                .ok_or_else(|| BrokerError::BadRequest(format!("topic {topic} has no queue {}", mq.id)))?;
+            match pb::QueryOffsetPolicy::try_from(req.query_offset_policy) {
+                Ok(pb::QueryOffsetPolicy::Beginning) => Ok(min),
+                Ok(pb::QueryOffsetPolicy::End) => Ok(max),
+                _ => {
+                    // By time: the first message stored at or after it.
+                    let t = req.timestamp.as_ref().map(ts_ms).unwrap_or(0);
+                    let (mut lo, mut hi) = (min, max);
+                    while lo < hi {
+                        let mid = lo + (hi - lo) / 2;
+                        let m = self.node.sm.read_messages(&topic, mq.id as u32, &[mid])?;
+                        if m.first().is_some_and(|m| m.message.store_timestamp_ms < t) {
+                            lo = mid + 1;
+                        } else {
+                            hi = mid;
+                        }
+                    }
+                    Ok(lo)
+                }
+            }
+        })();
+        Ok(Response::new(match r {
+            Ok(o) => pb::QueryOffsetResponse { status: Some(ok()), offset: o as i64 },
+            Err(e) => pb::QueryOffsetResponse { status: Some(err_status(&e)), offset: 0 },
+        }))
+    }
+
+    async fn end_transaction(
+        &self,
+        _req: Request<pb::EndTransactionRequest>,
+    ) -> std::result::Result<Response<pb::EndTransactionResponse>, Status> {
+        Ok(Response::new(pb::EndTransactionResponse {
+            status: Some(code_status(Code::NotImplemented, "transactional messages are not implemented yet")),
+        }))
+    }
+
+    async fn telemetry(
+        &self,
+        req: Request<tonic::Streaming<pb::TelemetryCommand>>,
+    ) -> std::result::Result<Response<Self::TelemetryStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<pb::TelemetryCommand, Status>>(16);
+        let this = Messaging { node: self.node.clone() };
+        tokio::spawn(async move {
+            while let Ok(Some(cmd)) = inbound.message().await {
+                if let Some(pb::telemetry_command::Command::Settings(s)) = cmd.command {
+                    let reply = pb::TelemetryCommand {
+                        status: Some(ok()),
+                        command: Some(pb::telemetry_command::Command::Settings(this.settings_reply(&s))),
+                    };
+                    if tx.send(Ok(reply)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn notify_client_termination(
+        &self,
+        _req: Request<pb::NotifyClientTerminationRequest>,
+    ) -> std::result::Result<Response<pb::NotifyClientTerminationResponse>, Status> {
+        Ok(Response::new(pb::NotifyClientTerminationResponse { status: Some(ok()) }))
+    }
+
+    async fn change_invisible_duration(
+        &self,
+        req: Request<pb::ChangeInvisibleDurationRequest>,
+    ) -> std::result::Result<Response<pb::ChangeInvisibleDurationResponse>, Status> {
+        let req = req.into_inner();
+        let r: Result<String> = async {
+            let group = group_name(&req.group)?;
+            let topic = req.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+            let (queue, offset, pop_index) = decode_handle(&req.receipt_handle)?;
+            let invisible_ms = req.invisible_duration.as_ref().map(dur_ms).unwrap_or(0);
+            if invisible_ms > 12 * 3600 * 1000 {
+                return Err(BrokerError::BadRequest(format!("invisible duration {invisible_ms} ms above 12 h")));
+            }
+            let cmd =
+                Control::ChangeInvisible { group, topic, queue, offset, pop_index, invisible_ms, now_ms: now_ms() };
+            let (resp, index) = self.node.propose(command::encode_control(&cmd)).await?;
+            match resp {
+                command::Response::Popped { .. } => Ok(encode_handle(queue, offset, index)),
+                command::Response::Refused { code: RefusedCode::InvalidReceiptHandle, message } => {
+                    Err(BrokerError::InvalidReceiptHandle(message))
+                }
+                command::Response::Refused { message, .. } => Err(BrokerError::Refused(message)),
+                other => Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
+            }
+        }
+        .await;
+        Ok(Response::new(match r {
+            Ok(h) => pb::ChangeInvisibleDurationResponse { status: Some(ok()), receipt_handle: h },
+            Err(e) => {
+                pb::ChangeInvisibleDurationResponse { status: Some(err_status(&e)), receipt_handle: req.receipt_handle }
+            }
+        }))
+    }
+
+    async fn recall_message(
+        &self,
+        _req: Request<pb::RecallMessageRequest>,
+    ) -> std::result::Result<Response<pb::RecallMessageResponse>, Status> {
+        Ok(Response::new(pb::RecallMessageResponse {
+            status: Some(code_status(Code::NotImplemented, "recall is not implemented")),
+            message_id: String::new(),
+        }))
+    }
+
+    async fn sync_lite_subscription(
+        &self,
+        _req: Request<pb::SyncLiteSubscriptionRequest>,
+    ) -> std::result::Result<Response<pb::SyncLiteSubscriptionResponse>, Status> {
+        Ok(Response::new(pb::SyncLiteSubscriptionResponse {
+            status: Some(code_status(Code::NotImplemented, "lite subscriptions are not implemented")),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_roundtrip_and_reject_garbage() {
+        assert_eq!(decode_handle(&encode_handle(3, 99, 1234)).unwrap(), (3, 99, 1234));
+        for bad in ["", "1.2", "a.b.c", "1.2.3.4", "-1.2.3"] {
+            assert!(decode_handle(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn timestamps_convert() {
+        assert_eq!(ts_ms(&ts(1_700_000_123_456)), 1_700_000_123_456);
+        assert_eq!(dur_ms(&dur(61_500)), 61_500);
+    }
+}

@@ -1,0 +1,236 @@
+//! One broker node: the CommitLog, the state machine, the openraft node, and
+//! the way commands reach the leader.
+
+use openraft::async_runtime::watch::WatchReceiver;
+use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::Instant;
+
+use openraft::BasicNode;
+use openraft::ServerState;
+use openraft::error::ClientWriteError;
+use openraft::error::RaftError;
+use raft_log::CommitLog;
+use raft_log::LogBytes;
+use raft_log::RaftLogStore;
+use raft_log::StdFs;
+use raftmq_proto::admin::ProposeRequest;
+use raftmq_proto::admin::admin_service_client::AdminServiceClient;
+use tonic::transport::Channel;
+
+use crate::command::Response;
+use crate::config::BrokerConfig;
+use crate::error::BrokerError;
+use crate::error::Result;
+use crate::network::Network;
+use crate::network::channel;
+use crate::sm::SmShared;
+use crate::sm::StateMachineStore;
+use crate::types::Raft;
+use crate::types::TypeConfig;
+
+/// Counters reported in cluster status.
+#[derive(Default)]
+pub struct Stats {
+    /// Message reads served to consumers by this node.
+    pub reads_served: AtomicU64,
+    /// Of those, reads a loaded leader handed to this node.
+    pub follower_reads_served: AtomicU64,
+    /// Reads running now.
+    pub inflight_reads: AtomicU64,
+    pub messages_sent: AtomicU64,
+}
+
+pub struct BrokerNode {
+    pub config: BrokerConfig,
+    pub raft: Arc<Raft>,
+    pub sm: Arc<SmShared>,
+    pub log: Arc<CommitLog>,
+    pub stats: Stats,
+    peers: Mutex<HashMap<String, AdminServiceClient<Channel>>>,
+    round_robin: AtomicU64,
+    started: Instant,
+}
+
+/// How long a proposal keeps retrying while there is no leader.
+const PROPOSE_PATIENCE: Duration = Duration::from_secs(8);
+
+impl BrokerNode {
+    /// Opens the data directory (running log recovery), starts Raft, and
+    /// bootstraps the group on first start.
+    pub async fn start(config: BrokerConfig) -> anyhow::Result<Arc<Self>> {
+        config.validate().map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+        let log_dir = config.data_dir.join("log");
+        let (log, report) = CommitLog::open(&log_dir, config.log.clone(), Arc::new(StdFs))
+            .map_err(|e| anyhow::anyhow!("opening the CommitLog in {}: {e}", log_dir.display()))?;
+        tracing::info!(?report, last = ?log.last_entry(), "CommitLog recovered");
+        let log = Arc::new(log);
+        let store: RaftLogStore<TypeConfig> = RaftLogStore::new(log.clone())?;
+        let sm = StateMachineStore::open(&config.data_dir.join("state"), log.clone())
+            .map_err(|e| anyhow::anyhow!("opening the state: {e}"))?;
+        let shared = sm.shared.clone();
+
+        let r = &config.raft;
+        let raft_config = openraft::Config {
+            cluster_name: format!("{}/{}", config.cluster, config.broker_name),
+            heartbeat_interval: r.heartbeat_interval_ms,
+            election_timeout_min: r.election_timeout_min_ms,
+            election_timeout_max: r.election_timeout_max_ms,
+            max_payload_entries: r.max_payload_entries,
+            // The log is the data: openraft never snapshots or purges it;
+            // retention purges whole segments (raft-log).
+            snapshot_policy: openraft::SnapshotPolicy::Never,
+            max_in_snapshot_log_to_keep: u64::MAX,
+            enable_heartbeat: true,
+            enable_elect: true,
+            ..Default::default()
+        }
+        .validate()?;
+        let network = Network { group: config.broker_name.clone() };
+        let raft = Arc::new(openraft::Raft::new(config.node_id, Arc::new(raft_config), network, store, sm).await?);
+
+        if config.bootstrap && !raft.is_initialized().await? {
+            let members: BTreeMap<u64, BasicNode> =
+                config.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+            match raft.initialize(members).await {
+                Ok(()) => tracing::info!("initialized the group"),
+                Err(e) => tracing::info!(error = %e, "group already initialized"),
+            }
+        }
+
+        let node = Arc::new(BrokerNode {
+            config,
+            raft,
+            sm: shared,
+            log,
+            stats: Stats::default(),
+            peers: Mutex::new(HashMap::new()),
+            round_robin: AtomicU64::new(0),
+            started: Instant::now(),
+        });
+        let weak = Arc::downgrade(&node);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(n) = weak.upgrade() else { return };
+                let sm = n.sm.clone();
+                drop(n);
+                if let Err(e) = tokio::task::spawn_blocking(move || sm.checkpoint()).await.expect("join") {
+                    tracing::error!(error = %e, "state checkpoint failed");
+                }
+            }
+        });
+        Ok(node)
+    }
+
+    pub fn id(&self) -> u64 {
+        self.config.node_id
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn leader_id(&self) -> Option<u64> {
+        self.raft.metrics().borrow_watched().current_leader
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow_watched().state == ServerState::Leader
+    }
+
+    pub fn next_round_robin(&self) -> u64 {
+        self.round_robin.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// An admin client for a peer address (cached).
+    pub fn admin_client(&self, addr: &str) -> Result<AdminServiceClient<Channel>> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = peers.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = channel(addr, Duration::from_millis(500))
+            .map_err(|e| BrokerError::Unreachable(addr.to_string(), e.to_string()))?;
+        let c = AdminServiceClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+        peers.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Proposes a command on this node, which must be the leader (no forwarding).
+    pub async fn propose_local(&self, cmd: Vec<u8>) -> Result<(Response, u64)> {
+        match self.raft.client_write(LogBytes(cmd.into())).await {
+            Ok(r) => Ok((r.data, r.log_id.index)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(BrokerError::NoLeader(format!("{} (leader is {:?})", self.config.broker_name, f.leader_id)))
+            }
+            Err(e) => Err(BrokerError::Raft(e.to_string())),
+        }
+    }
+
+    /// Proposes a command to the group: locally if this node leads, else
+    /// forwarded to the leader; retried while an election runs. Returns the
+    /// command's response and its log index.
+    pub async fn propose(&self, cmd: Vec<u8>) -> Result<(Response, u64)> {
+        let deadline = Instant::now() + PROPOSE_PATIENCE;
+        let mut last_err = BrokerError::NoLeader(self.config.broker_name.clone());
+        while Instant::now() < deadline {
+            let leader = self.leader_id();
+            if leader == Some(self.id()) {
+                match self.propose_local(cmd.clone()).await {
+                    Err(BrokerError::NoLeader(m)) => last_err = BrokerError::NoLeader(m),
+                    other => return other,
+                }
+            } else if let Some(l) = leader {
+                let addr = self
+                    .raft
+                    .metrics()
+                    .borrow_watched()
+                    .membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map(|n| n.addr.clone());
+                if let Some(addr) = addr {
+                    let mut client = self.admin_client(&addr)?;
+                    let mut req = tonic::Request::new(ProposeRequest { command: cmd.clone().into() });
+                    req.set_timeout(Duration::from_secs(5));
+                    match client.propose(req).await {
+                        Ok(r) => {
+                            let r = r.into_inner();
+                            let resp: Response = rmp_serde::from_slice(&r.response)
+                                .map_err(|e| BrokerError::Raft(format!("bad forwarded response: {e}")))?;
+                            return Ok((resp, r.log_index));
+                        }
+                        Err(s) if s.code() == tonic::Code::Unavailable => {
+                            last_err = BrokerError::Unreachable(addr, s.message().to_string())
+                        }
+                        Err(s) => return Err(BrokerError::Raft(format!("leader {l}: {}", s.message()))),
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(last_err)
+    }
+
+    /// Shuts Raft down after a final state checkpoint.
+    pub async fn shutdown(&self) {
+        if self.is_leader() {
+            // Hand leadership over so the group does not wait for an election.
+            let others: Vec<u64> = self.config.peers.keys().copied().filter(|id| *id != self.id()).collect();
+            if let Some(to) = others.first() {
+                let _ = self.raft.trigger().transfer_leader(*to).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+        if let Err(e) = self.sm.checkpoint() {
+            tracing::error!(error = %e, "final checkpoint failed");
+        }
+        let _ = self.raft.shutdown().await;
+    }
+}

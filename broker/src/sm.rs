@@ -1,0 +1,718 @@
+//! The state machine of a broker group: applies committed entries.
+//!
+//! - Message batches: one ConsumeQueue record per message, pointing at the
+//!   message's bytes inside its CommitLog entry, plus the key index.
+//! - Control commands: topics, pop/ack/invisibility state of consumer groups,
+//!   committed offsets.
+//!
+//! State lives in memory and in RocksDB. A checkpoint (every second, and on
+//! shutdown) fsyncs the ConsumeQueue files written since the last one and then
+//! writes the changed state together with the applied log id in one synced
+//! RocksDB batch: a restart resumes exactly at that applied id, and openraft
+//! re-applies the committed entries after it (records past a queue's stored
+//! length are overwritten). Every entry applied is committed, so no reader of
+//! a ConsumeQueue ever sees an entry past the commit index.
+
+use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::collections::HashSet;
+use std::io;
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::RwLock;
+use std::sync::RwLockReadGuard;
+use std::sync::RwLockWriteGuard;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use openraft::EntryPayload;
+use openraft::RaftSnapshotBuilder;
+use openraft::SnapshotMeta;
+use openraft::storage::EntryResponder;
+use openraft::storage::RaftStateMachine;
+use openraft::storage::Snapshot;
+use prost::Message as _;
+use raft_log::CommitLog;
+use raft_log::record::HEADER_LEN;
+use raft_log::store::AdvLeaderId;
+use raftmq_proto::store::StoredMessage;
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::command;
+use crate::command::Command;
+use crate::command::Control;
+use crate::command::Popped;
+use crate::command::RefusedCode;
+use crate::command::Response;
+use crate::cq::ConsumeQueue;
+use crate::cq::CqRecord;
+use crate::cq::tag_hash;
+use crate::error::BrokerError;
+use crate::error::Result;
+use crate::types::LogId;
+use crate::types::StoredMembership;
+use crate::types::TypeConfig;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicConf {
+    pub name: String,
+    pub queues: u32,
+    pub message_type: i32,
+}
+
+/// A popped message not yet acked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inflight {
+    pub visible_at_ms: u64,
+    pub attempt: u32,
+    pub pop_index: u64,
+}
+
+/// A consumer group's state on one queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupQueue {
+    /// Every offset below is consumed (acked, or committed by a pull consumer).
+    pub committed: u64,
+    /// Next offset a pop hands out for the first time.
+    pub pop_offset: u64,
+    pub inflight: BTreeMap<u64, Inflight>,
+}
+
+impl GroupQueue {
+    fn recompute_committed(&mut self) {
+        let low = self.inflight.keys().next().copied().unwrap_or(self.pop_offset);
+        self.committed = self.committed.max(low.min(self.pop_offset));
+    }
+}
+
+type QueueKey = (String, u32);
+/// (group, topic, queue)
+pub type GroupKey = (String, String, u32);
+
+#[derive(Default)]
+pub struct SmState {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+    pub topics: BTreeMap<String, TopicConf>,
+    pub queues: HashMap<QueueKey, ConsumeQueue>,
+    pub groups: HashMap<GroupKey, GroupQueue>,
+    dirty_topics: HashSet<String>,
+    deleted_topics: HashSet<String>,
+    dirty_queues: HashSet<QueueKey>,
+    dirty_groups: HashSet<GroupKey>,
+    /// ConsumeQueue directories of deleted topics, removed by the next
+    /// checkpoint once the deletion is durable in RocksDB.
+    pending_removals: Vec<(String, PathBuf)>,
+    pub messages_applied: u64,
+}
+
+/// A message read back from the log.
+#[derive(Debug, Clone)]
+pub struct ReadMessage {
+    pub queue: u32,
+    pub offset: u64,
+    pub pos: u64,
+    pub message: StoredMessage,
+    /// The encoded StoredMessage, as stored.
+    pub raw: Bytes,
+}
+
+pub struct SmShared {
+    pub log: Arc<CommitLog>,
+    db: rocksdb::DB,
+    cq_root: PathBuf,
+    state: RwLock<SmState>,
+    /// Serialises checkpoints: two racing ones could store an older applied id
+    /// beside newer state.
+    checkpoint_lock: std::sync::Mutex<()>,
+    applied_tx: tokio::sync::watch::Sender<u64>,
+    /// Woken whenever messages are applied or invisibility may have expired.
+    pub activity: tokio::sync::Notify,
+}
+
+/// The openraft state machine; cheap to clone.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    pub shared: Arc<SmShared>,
+}
+
+const K_APPLIED: &[u8] = b"m/applied";
+const K_MEMBERSHIP: &[u8] = b"m/membership";
+
+fn k_topic(name: &str) -> Vec<u8> {
+    format!("t/{name}").into_bytes()
+}
+
+fn k_queue(topic: &str, q: u32) -> Vec<u8> {
+    format!("q/{topic}/{q}").into_bytes()
+}
+
+fn k_group(g: &GroupKey) -> Vec<u8> {
+    format!("g/{}\0{}\0{}", g.0, g.1, g.2).into_bytes()
+}
+
+fn k_key_index(topic: &str, key: &str, queue: u32, offset: u64) -> Vec<u8> {
+    let mut k = format!("k/{topic}\0{key}\0").into_bytes();
+    k.extend_from_slice(&queue.to_be_bytes());
+    k.extend_from_slice(&offset.to_be_bytes());
+    k
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    rmp_serde::to_vec(v).expect("state encodes")
+}
+
+fn dec<T: for<'de> Deserialize<'de>>(what: &[u8], b: &[u8]) -> Result<T> {
+    rmp_serde::from_slice(b)
+        .map_err(|e| BrokerError::Corrupt(format!("state {:?}: {e}", String::from_utf8_lossy(what))))
+}
+
+/// Checks a topic or group name: RocketMQ's `^[%|a-zA-Z0-9_-]+$`, at most 127 chars.
+pub fn check_name(kind: &str, name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 127 {
+        return Err(BrokerError::BadRequest(format!("{kind} name must be 1 to 127 characters, got {}", name.len())));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || "%|_-".contains(*c))) {
+        return Err(BrokerError::BadRequest(format!(
+            "{kind} name {name:?} has the character {c:?}; allowed: letters, digits, % | _ -"
+        )));
+    }
+    Ok(())
+}
+
+impl StateMachineStore {
+    /// Opens (or creates) the state under `dir`.
+    pub fn open(dir: &Path, log: Arc<CommitLog>) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        let db = rocksdb::DB::open(&opts, dir.join("db"))?;
+        let cq_root = dir.join("cq");
+        let mut st = SmState::default();
+        if let Some(b) = db.get(K_APPLIED)? {
+            st.last_applied = dec(K_APPLIED, &b)?;
+        }
+        if let Some(b) = db.get(K_MEMBERSHIP)? {
+            st.membership = dec(K_MEMBERSHIP, &b)?;
+        }
+        for item in db.prefix_iterator(b"t/") {
+            let (k, v) = item?;
+            if !k.starts_with(b"t/") {
+                break;
+            }
+            let t: TopicConf = dec(&k, &v)?;
+            st.topics.insert(t.name.clone(), t);
+        }
+        let mut lengths: HashMap<QueueKey, u64> = HashMap::new();
+        for item in db.prefix_iterator(b"q/") {
+            let (k, v) = item?;
+            if !k.starts_with(b"q/") {
+                break;
+            }
+            let key = String::from_utf8_lossy(&k[2..]).to_string();
+            let (topic, q) = key.rsplit_once('/').ok_or_else(|| BrokerError::Corrupt(format!("queue key {key}")))?;
+            let q: u32 = q.parse().map_err(|_| BrokerError::Corrupt(format!("queue key {key}")))?;
+            lengths.insert((topic.to_string(), q), dec(&k, &v)?);
+        }
+        for item in db.prefix_iterator(b"g/") {
+            let (k, v) = item?;
+            if !k.starts_with(b"g/") {
+                break;
+            }
+            let key = String::from_utf8_lossy(&k[2..]).to_string();
+            let parts: Vec<&str> = key.split('\0').collect();
+            if parts.len() != 3 {
+                return Err(BrokerError::Corrupt(format!("group key {key:?}")));
+            }
+            let q: u32 = parts[2].parse().map_err(|_| BrokerError::Corrupt(format!("group key {key:?}")))?;
+            st.groups.insert((parts[0].to_string(), parts[1].to_string(), q), dec(&k, &v)?);
+        }
+        for t in st.topics.values() {
+            for q in 0..t.queues {
+                let len = lengths.get(&(t.name.clone(), q)).copied().unwrap_or(0);
+                let cq = ConsumeQueue::open(&cq_root.join(&t.name).join(q.to_string()), len)?;
+                st.queues.insert((t.name.clone(), q), cq);
+            }
+        }
+        let applied = st.last_applied.map(|l| l.index).unwrap_or(0);
+        let (applied_tx, _) = tokio::sync::watch::channel(applied);
+        tracing::info!(applied = ?st.last_applied, topics = st.topics.len(), "state machine opened");
+        Ok(StateMachineStore {
+            shared: Arc::new(SmShared {
+                log,
+                db,
+                cq_root,
+                state: RwLock::new(st),
+                checkpoint_lock: std::sync::Mutex::new(()),
+                applied_tx,
+                activity: tokio::sync::Notify::new(),
+            }),
+        })
+    }
+}
+
+impl SmShared {
+    pub fn read(&self) -> RwLockReadGuard<'_, SmState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, SmState> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        *self.applied_tx.borrow()
+    }
+
+    pub fn subscribe_applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied_tx.subscribe()
+    }
+
+    /// Waits until entries up to `index` are applied here, at most `wait`.
+    pub async fn wait_applied(&self, index: u64, wait: std::time::Duration) -> Result<()> {
+        let mut rx = self.applied_tx.subscribe();
+        let fut = rx.wait_for(|a| *a >= index);
+        match tokio::time::timeout(wait, fut).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(BrokerError::Raft("state machine stopped".into())),
+            Err(_) => Err(BrokerError::Timeout(format!("applying up to entry {index}"))),
+        }
+    }
+
+    /// Makes the state durable: fsync ConsumeQueue files written since the
+    /// last checkpoint, then one synced RocksDB batch with everything changed
+    /// and the applied log id it corresponds to.
+    pub fn checkpoint(&self) -> Result<()> {
+        let _one = self.checkpoint_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut batch = rocksdb::WriteBatch::default();
+        let (files, removals) = {
+            let mut st = self.write();
+            let mut files = Vec::new();
+            for key in std::mem::take(&mut st.dirty_queues) {
+                if let Some(q) = st.queues.get_mut(&key) {
+                    files.extend(q.take_dirty());
+                    batch.put(k_queue(&key.0, key.1), enc(&q.max_offset()));
+                }
+            }
+            for name in std::mem::take(&mut st.dirty_topics) {
+                if let Some(t) = st.topics.get(&name) {
+                    batch.put(k_topic(&name), enc(t));
+                }
+            }
+            for name in std::mem::take(&mut st.deleted_topics) {
+                batch.delete(k_topic(&name));
+                batch.delete_range(format!("q/{name}/").into_bytes(), format!("q/{name}0").into_bytes());
+            }
+            for key in std::mem::take(&mut st.dirty_groups) {
+                match st.groups.get(&key) {
+                    Some(g) => batch.put(k_group(&key), enc(g)),
+                    None => batch.delete(k_group(&key)),
+                }
+            }
+            batch.put(K_APPLIED, enc(&st.last_applied));
+            batch.put(K_MEMBERSHIP, enc(&st.membership));
+            let removals: Vec<PathBuf> = std::mem::take(&mut st.pending_removals)
+                .into_iter()
+                .filter(|(name, _)| !st.topics.contains_key(name))
+                .map(|(_, p)| p)
+                .collect();
+            (files, removals)
+        };
+        for f in files {
+            f.sync_data()?;
+        }
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        for dir in removals {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads messages of a queue by offset, from the mapped CommitLog.
+    pub fn read_messages(&self, topic: &str, queue: u32, offsets: &[u64]) -> Result<Vec<ReadMessage>> {
+        let records: Vec<(u64, CqRecord)> = {
+            let st = self.read();
+            let q = st
+                .queues
+                .get(&(topic.to_string(), queue))
+                .ok_or_else(|| BrokerError::TopicNotFound(format!("{topic} queue {queue}")))?;
+            offsets.iter().filter_map(|&o| q.get(o).map(|r| (o, r))).collect()
+        };
+        let mut out = Vec::with_capacity(records.len());
+        for (offset, r) in records {
+            let slice = self.log.read_slice(r.pos, r.size as usize)?;
+            let raw = slice.into_bytes();
+            let message = StoredMessage::decode(raw.clone())
+                .map_err(|e| BrokerError::Corrupt(format!("message {topic}/{queue}/{offset} at {}: {e}", r.pos)))?;
+            if crc32fast::hash(&message.body) != message.body_crc32 {
+                return Err(BrokerError::Corrupt(format!(
+                    "message {topic}/{queue}/{offset} at position {}: body CRC mismatch",
+                    r.pos
+                )));
+            }
+            out.push(ReadMessage { queue, offset, pos: r.pos, message, raw });
+        }
+        Ok(out)
+    }
+
+    /// (min, max) offsets of a queue.
+    pub fn queue_range(&self, topic: &str, queue: u32) -> Option<(u64, u64)> {
+        let st = self.read();
+        st.queues.get(&(topic.to_string(), queue)).map(|q| (0, q.max_offset()))
+    }
+
+    /// Whether a pop of `group` on these queues would find anything at `now_ms`.
+    pub fn poppable(&self, group: &str, topic: &str, queues: &[u32], now_ms: u64) -> bool {
+        let st = self.read();
+        queues.iter().any(|&q| {
+            let max = st.queues.get(&(topic.to_string(), q)).map(|c| c.max_offset()).unwrap_or(0);
+            match st.groups.get(&(group.to_string(), topic.to_string(), q)) {
+                None => max > 0,
+                Some(g) => g.pop_offset < max || g.inflight.values().any(|i| i.visible_at_ms <= now_ms),
+            }
+        })
+    }
+
+    /// Earliest time an in-flight message of these queues becomes visible.
+    pub fn next_visible_ms(&self, group: &str, topic: &str, queues: &[u32]) -> Option<u64> {
+        let st = self.read();
+        queues
+            .iter()
+            .filter_map(|&q| st.groups.get(&(group.to_string(), topic.to_string(), q)))
+            .flat_map(|g| g.inflight.values().map(|i| i.visible_at_ms))
+            .min()
+    }
+
+    /// (queue, offset) of messages carrying `key`, at most `limit`.
+    pub fn find_by_key(&self, topic: &str, key: &str, limit: usize) -> Result<Vec<(u32, u64)>> {
+        let prefix = format!("k/{topic}\0{key}\0").into_bytes();
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator(&prefix) {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            let rest = &k[prefix.len()..];
+            if rest.len() == 12 {
+                let q = u32::from_be_bytes(rest[0..4].try_into().expect("4"));
+                let o = u64::from_be_bytes(rest[4..12].try_into().expect("8"));
+                out.push((q, o));
+            }
+        }
+        Ok(out)
+    }
+
+    fn apply_send(
+        &self,
+        st: &mut SmState,
+        index: u64,
+        batch: command::SendBatch,
+        keys: &mut rocksdb::WriteBatch,
+    ) -> Result<Response> {
+        let key = (batch.topic.clone(), batch.queue);
+        if !st.topics.contains_key(&batch.topic) {
+            return Ok(Response::Refused {
+                code: RefusedCode::TopicNotFound,
+                message: format!("topic {} not found", batch.topic),
+            });
+        }
+        if !st.queues.contains_key(&key) {
+            return Ok(Response::Refused {
+                code: RefusedCode::BadQueue,
+                message: format!("topic {} has no queue {}", batch.topic, batch.queue),
+            });
+        }
+        let (entry_pos, _) = self.log.position_of(index)?;
+        let mut records = Vec::with_capacity(batch.messages.len());
+        let mut parsed = Vec::with_capacity(batch.messages.len());
+        for (off, bytes) in &batch.messages {
+            // A malformed message is refused the same way on every node; it
+            // must never stop the state machine.
+            let Ok(m) = StoredMessage::decode(bytes.clone()) else {
+                return Ok(Response::Refused {
+                    code: RefusedCode::BadRequest,
+                    message: format!("entry {index}: a message does not decode"),
+                });
+            };
+            if m.topic != batch.topic {
+                return Ok(Response::Refused {
+                    code: RefusedCode::BadRequest,
+                    message: format!("entry {index}: message topic differs from the batch"),
+                });
+            }
+            records.push(CqRecord {
+                pos: entry_pos + HEADER_LEN as u64 + u64::from(*off),
+                size: bytes.len() as u32,
+                tag_hash: tag_hash(&m.tag),
+            });
+            parsed.push(m);
+        }
+        let q = st.queues.get_mut(&key).expect("checked");
+        let first_offset = q.max_offset();
+        q.append(&records)?;
+        for (i, m) in parsed.iter().enumerate() {
+            for k in &m.keys {
+                keys.put(k_key_index(&batch.topic, k, batch.queue, first_offset + i as u64), b"");
+            }
+        }
+        st.dirty_queues.insert(key);
+        st.messages_applied += records.len() as u64;
+        Ok(Response::Sent { queue: batch.queue, first_offset, count: records.len() as u32 })
+    }
+
+    fn apply_control(&self, st: &mut SmState, index: u64, c: Control) -> Result<Response> {
+        let refused = |code, message: String| Ok(Response::Refused { code, message });
+        match c {
+            Control::CreateTopic { name, queues, message_type, update } => {
+                // Checked again here: a command may come from any admin client.
+                if let Err(e) = check_name("topic", &name) {
+                    return refused(RefusedCode::BadRequest, e.to_string());
+                }
+                if queues == 0 || queues > 1024 {
+                    return refused(RefusedCode::BadRequest, format!("queues must be 1 to 1024, got {queues}"));
+                }
+                if let Some(t) = st.topics.get(&name) {
+                    if !update {
+                        return refused(RefusedCode::TopicExists, format!("topic {name} exists"));
+                    }
+                    if queues < t.queues {
+                        return refused(
+                            RefusedCode::BadRequest,
+                            format!("topic {name} has {} queues; queues cannot be removed", t.queues),
+                        );
+                    }
+                }
+                let old = st.topics.get(&name).map(|t| t.queues).unwrap_or(0);
+                for q in old..queues {
+                    let cq = ConsumeQueue::open(&self.cq_root.join(&name).join(q.to_string()), 0)?;
+                    st.queues.insert((name.clone(), q), cq);
+                    st.dirty_queues.insert((name.clone(), q));
+                }
+                st.topics.insert(name.clone(), TopicConf { name: name.clone(), queues, message_type });
+                st.deleted_topics.remove(&name);
+                st.dirty_topics.insert(name);
+                Ok(Response::Done)
+            }
+            Control::DeleteTopic { name } => {
+                let Some(t) = st.topics.remove(&name) else {
+                    return refused(RefusedCode::TopicNotFound, format!("topic {name} not found"));
+                };
+                for q in 0..t.queues {
+                    st.queues.remove(&(name.clone(), q));
+                    st.dirty_queues.remove(&(name.clone(), q));
+                }
+                st.pending_removals.push((name.clone(), self.cq_root.join(&name)));
+                let gone: Vec<GroupKey> = st.groups.keys().filter(|g| g.1 == name).cloned().collect();
+                for g in gone {
+                    st.groups.remove(&g);
+                    st.dirty_groups.insert(g);
+                }
+                st.dirty_topics.remove(&name);
+                st.deleted_topics.insert(name);
+                Ok(Response::Done)
+            }
+            Control::Pop { group, topic, queues, max, invisible_ms, now_ms } => {
+                // Bounded whatever the proposer asked for.
+                let max = max.min(1024);
+                let Some(t) = st.topics.get(&topic) else {
+                    return refused(RefusedCode::TopicNotFound, format!("topic {topic} not found"));
+                };
+                if let Some(q) = queues.iter().find(|q| **q >= t.queues) {
+                    return refused(RefusedCode::BadQueue, format!("topic {topic} has no queue {q}"));
+                }
+                let mut out = Vec::new();
+                let n = queues.len().max(1);
+                // Rotate the starting queue so no queue starves.
+                for k in 0..queues.len() {
+                    let q = queues[(index as usize + k) % n];
+                    if out.len() >= max as usize {
+                        break;
+                    }
+                    let max_offset = st.queues.get(&(topic.clone(), q)).map(|c| c.max_offset()).unwrap_or(0);
+                    let gkey = (group.clone(), topic.clone(), q);
+                    let g = st.groups.entry(gkey.clone()).or_default();
+                    let mut changed = false;
+                    for (&offset, inf) in g.inflight.iter_mut() {
+                        if out.len() >= max as usize {
+                            break;
+                        }
+                        if inf.visible_at_ms <= now_ms {
+                            inf.attempt += 1;
+                            inf.visible_at_ms = now_ms + invisible_ms;
+                            inf.pop_index = index;
+                            out.push(Popped { queue: q, offset, attempt: inf.attempt });
+                            changed = true;
+                        }
+                    }
+                    while out.len() < max as usize && g.pop_offset < max_offset {
+                        let offset = g.pop_offset;
+                        g.pop_offset += 1;
+                        g.inflight.insert(
+                            offset,
+                            Inflight { visible_at_ms: now_ms + invisible_ms, attempt: 1, pop_index: index },
+                        );
+                        out.push(Popped { queue: q, offset, attempt: 1 });
+                        changed = true;
+                    }
+                    if changed {
+                        st.dirty_groups.insert(gkey);
+                    }
+                }
+                Ok(Response::Popped { messages: out })
+            }
+            Control::Ack { group, topic, queue, offset, pop_index } => {
+                let gkey = (group, topic, queue);
+                let Some(g) = st.groups.get_mut(&gkey) else {
+                    return refused(RefusedCode::InvalidReceiptHandle, "no such delivery".into());
+                };
+                match g.inflight.get(&offset) {
+                    Some(i) if i.pop_index == pop_index => {
+                        g.inflight.remove(&offset);
+                        g.recompute_committed();
+                        st.dirty_groups.insert(gkey);
+                        Ok(Response::Done)
+                    }
+                    _ => refused(
+                        RefusedCode::InvalidReceiptHandle,
+                        format!("offset {offset}: receipt handle is stale or already acked"),
+                    ),
+                }
+            }
+            Control::ChangeInvisible { group, topic, queue, offset, pop_index, invisible_ms, now_ms } => {
+                let gkey = (group, topic, queue);
+                let Some(g) = st.groups.get_mut(&gkey) else {
+                    return refused(RefusedCode::InvalidReceiptHandle, "no such delivery".into());
+                };
+                match g.inflight.get_mut(&offset) {
+                    Some(i) if i.pop_index == pop_index => {
+                        i.visible_at_ms = now_ms + invisible_ms;
+                        i.pop_index = index;
+                        let attempt = i.attempt;
+                        st.dirty_groups.insert(gkey);
+                        Ok(Response::Popped { messages: vec![Popped { queue, offset, attempt }] })
+                    }
+                    _ => refused(
+                        RefusedCode::InvalidReceiptHandle,
+                        format!("offset {offset}: receipt handle is stale or already acked"),
+                    ),
+                }
+            }
+            Control::UpdateOffset { group, topic, queue, offset } => {
+                if !st.topics.get(&topic).is_some_and(|t| queue < t.queues) {
+                    return refused(RefusedCode::BadQueue, format!("topic {topic} has no queue {queue}"));
+                }
+                let gkey = (group, topic, queue);
+                let g = st.groups.entry(gkey.clone()).or_default();
+                g.committed = offset;
+                g.pop_offset = g.pop_offset.max(offset);
+                g.inflight.retain(|o, _| *o >= offset);
+                st.dirty_groups.insert(gkey);
+                Ok(Response::Done)
+            }
+        }
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(
+        &mut self,
+    ) -> std::result::Result<Snapshot<AdvLeaderId, u64, openraft::BasicNode, Vec<u8>>, io::Error> {
+        // The log is the data: a snapshot must carry the retained CommitLog
+        // segments, which is not built yet. The group runs with
+        // `SnapshotPolicy::Never` and never purges the log through openraft,
+        // so openraft does not ask for one.
+        Err(io::Error::new(io::ErrorKind::Unsupported, "snapshots with CommitLog segments are not implemented"))
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(&mut self) -> std::result::Result<(Option<LogId>, StoredMembership), io::Error> {
+        let st = self.shared.read();
+        Ok((st.last_applied, st.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> std::result::Result<(), io::Error>
+    where
+        Strm: futures::Stream<Item = std::result::Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
+    {
+        let sh = &self.shared;
+        let mut keys = rocksdb::WriteBatch::default();
+        let mut last = None;
+        let mut any_messages = false;
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let index = entry.log_id.index;
+            let response = {
+                let mut st = sh.write();
+                if let Some(l) = st.last_applied {
+                    assert!(index > l.index, "entry {index} applied after {}", l.index);
+                }
+                let r = match entry.payload {
+                    EntryPayload::Blank => Response::Done,
+                    EntryPayload::Membership(m) => {
+                        st.membership = StoredMembership::new(Some(entry.log_id), m);
+                        Response::Done
+                    }
+                    EntryPayload::Normal(data) => match command::decode(&data.0).map_err(io::Error::other)? {
+                        Command::Send(b) => {
+                            any_messages = true;
+                            let r = sh.apply_send(&mut st, index, b, &mut keys).map_err(io::Error::other)?;
+                            // Key rows are written before the applied id moves,
+                            // so a checkpoint never covers keys not yet written.
+                            if !keys.is_empty() {
+                                sh.db.write(std::mem::take(&mut keys)).map_err(io::Error::other)?;
+                            }
+                            r
+                        }
+                        Command::Control(c) => {
+                            any_messages |= matches!(c, Control::ChangeInvisible { .. } | Control::UpdateOffset { .. });
+                            sh.apply_control(&mut st, index, c).map_err(io::Error::other)?
+                        }
+                    },
+                };
+                st.last_applied = Some(entry.log_id);
+                r
+            };
+            last = Some(index);
+            if let Some(r) = responder {
+                r.send(response);
+            }
+        }
+        if let Some(i) = last {
+            sh.applied_tx.send_replace(i);
+        }
+        if any_messages {
+            sh.activity.notify_waiters();
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _meta: &SnapshotMeta<AdvLeaderId, u64, openraft::BasicNode>,
+        _snapshot: Vec<u8>,
+    ) -> std::result::Result<(), io::Error> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "snapshots with CommitLog segments are not implemented"))
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> std::result::Result<Option<Snapshot<AdvLeaderId, u64, openraft::BasicNode, Vec<u8>>>, io::Error> {
+        Ok(None)
+    }
+}
