@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Local cluster on loopback: name server 127.0.0.1:9876 and a three-node broker
 # group (broker-a) on 127.0.0.1:8081-8083, data and logs under ./local-cluster
-# (override with RAFTMQ_CLUSTER_DIR). Uses the release build.
+# (override with RAFTMQ_CLUSTER_DIR). Uses the debug build, or the release
+# build with RAFTMQ_PROFILE=release.
 #   scripts/cluster.sh start | stop | status | restart-node N | kill-node N
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 DIR="${RAFTMQ_CLUSTER_DIR:-$PWD/local-cluster}"
-BIN="$CARGO_TARGET_DIR/release"
+BIN="$CARGO_TARGET_DIR/${RAFTMQ_PROFILE:-debug}"
 PORTS=(8081 8082 8083)
 
 write_config() {
@@ -42,7 +43,7 @@ alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 case "${1:-}" in
 start)
     for b in raftmq-broker raftmq-namesrv raftmq; do
-        [ -x "$BIN/$b" ] || { echo "cluster: $BIN/$b missing; run scripts/dev-up.sh (or cargo build --release)" >&2; exit 1; }
+        [ -x "$BIN/$b" ] || { echo "cluster: $BIN/$b missing; run scripts/dev-up.sh" >&2; exit 1; }
     done
     mkdir -p "$DIR"
     if alive "$DIR/namesrv.pid"; then

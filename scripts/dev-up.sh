@@ -6,5 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
-cargo build --release --workspace --bins
+# The same build as the tests (debug, dev-dependencies on): RocksDB is compiled
+# once for both. RAFTMQ_PROFILE=release builds optimized binaries instead
+# (benchmarks); that compiles RocksDB again.
+if [ "${RAFTMQ_PROFILE:-debug}" = release ]; then
+    cargo build --release --workspace --bins
+else
+    cargo build --workspace --bins --tests
+fi
 exec bash scripts/cluster.sh start

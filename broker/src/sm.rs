@@ -604,7 +604,7 @@ impl SmShared {
                 }
             }
             Control::UpdateOffset { group, topic, queue, offset } => {
-                if !st.topics.get(&topic).is_some_and(|t| queue < t.queues) {
+                if st.topics.get(&topic).is_none_or(|t| queue >= t.queues) {
                     return refused(RefusedCode::BadQueue, format!("topic {topic} has no queue {queue}"));
                 }
                 let gkey = (group, topic, queue);

@@ -223,10 +223,15 @@ async fn main() -> anyhow::Result<()> {
             let mut times = Vec::new();
             for round in 0..rounds {
                 let Some(l) = leader(&args.servers).await else { anyhow::bail!("no leader") };
-                // Warm: a few acked writes.
-                for _ in 0..20 {
-                    p.send(&args.topic, OutMessage::new("warm")).await?;
+                // Warm: 20 acked writes (a node restarted last round may still be starting).
+                let (mut warm, warm_until) = (0, Instant::now() + Duration::from_secs(30));
+                while warm < 20 && Instant::now() < warm_until {
+                    match p.send(&args.topic, OutMessage::new("warm")).await {
+                        Ok(_) => warm += 1,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
                 }
+                anyhow::ensure!(warm == 20, "round {round}: the group does not take writes before the kill");
                 let killed = Instant::now();
                 run_cmd(&kill_cmd, l)?;
                 let mut first_ack = None;
