@@ -14,7 +14,8 @@ use std::time::SystemTime;
 
 use memmap2::Mmap;
 
-/// Space on the file system holding a path.
+/// Space on the file system holding a path. `total_bytes` is what this
+/// process can use: used plus available (reserved blocks excluded, as df does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskUsage {
     pub total_bytes: u64,
@@ -207,7 +208,11 @@ impl FileSystem for StdFs {
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
         cvt(unsafe { libc::statvfs(c.as_ptr(), &mut st) })?;
         let frsize = st.f_frsize as u64;
-        Ok(DiskUsage { total_bytes: st.f_blocks as u64 * frsize, available_bytes: st.f_bavail as u64 * frsize })
+        // As df counts: blocks reserved for root are neither used nor
+        // available to us, so "total" is used + available.
+        let used = (st.f_blocks as u64).saturating_sub(st.f_bfree as u64);
+        let available = st.f_bavail as u64;
+        Ok(DiskUsage { total_bytes: (used + available) * frsize, available_bytes: available * frsize })
     }
 }
 

@@ -384,6 +384,9 @@ fn purge_drops_a_prefix_and_whole_files() {
 #[test]
 fn retention_by_age_never_passes_what_is_needed() {
     let env = Env::new();
+    // A disk far from full, whatever the machine's disk holds.
+    let seg = env.config.segment_bytes;
+    env.fs.set_disk_usage(Some(DiskUsage { total_bytes: 1000 * seg, available_bytes: 900 * seg }));
     let log = env.open();
     for i in 0..40 {
         append(&log, i * 10, i * 10 + 10, 1, 1000);
@@ -402,6 +405,14 @@ fn retention_by_age_never_passes_what_is_needed() {
     assert_eq!(purged, bounded);
     assert_eq!(log.first_index(), bounded.index + 1);
     assert_entries(&log, bounded.index + 1, 400, 1000);
+}
+
+#[test]
+fn real_disk_usage_counts_like_df() {
+    let u = crate::fs::FileSystem::disk_usage(&crate::fs::StdFs, std::path::Path::new("/")).unwrap();
+    assert!(u.available_bytes <= u.total_bytes);
+    let ratio = u.used_ratio();
+    assert!((0.0..=1.0).contains(&ratio), "{ratio}");
 }
 
 #[test]
