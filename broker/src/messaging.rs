@@ -147,7 +147,13 @@ pub fn to_v2_message(
     }
 }
 
+/// The machine's memory, read once.
 fn total_memory_bytes() -> u64 {
+    static TOTAL: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TOTAL.get_or_init(read_total_memory_bytes)
+}
+
+fn read_total_memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
@@ -369,9 +375,8 @@ impl Messaging {
     /// memory) reads from a follower.
     fn lag_over_memory_ratio(&self, topic: &str, popped: &[Popped]) -> bool {
         let Some(first) = popped.first() else { return false };
-        let Ok(m) = self.node.sm.read_messages(topic, first.queue, &[first.offset]) else { return false };
-        let Some(m) = m.first() else { return false };
-        let behind = self.node.log.end_pos().saturating_sub(m.pos);
+        let Some(pos) = self.node.sm.message_position(topic, first.queue, first.offset) else { return false };
+        let behind = self.node.log.end_pos().saturating_sub(pos);
         behind as f64 > self.node.config.follower_read.lag_memory_ratio * total_memory_bytes() as f64
     }
 

@@ -361,6 +361,12 @@ impl SmShared {
         Ok(out)
     }
 
+    /// CommitLog position of a queue's message, from its ConsumeQueue record
+    /// alone (no read of the message).
+    pub fn message_position(&self, topic: &str, queue: u32, offset: u64) -> Option<u64> {
+        self.read().queues.get(&(topic.to_string(), queue))?.get(offset).map(|r| r.pos)
+    }
+
     /// (min, max) offsets of a queue.
     pub fn queue_range(&self, topic: &str, queue: u32) -> Option<(u64, u64)> {
         let st = self.read();
