@@ -41,6 +41,8 @@ pub use fs::StdFs;
 pub use log::CommitLog;
 pub use log::Record;
 pub use log::RecordRef;
+pub use log::ShippedLog;
+pub use log::ShippedSegment;
 pub use mapped::MappedSlice;
 pub use record::EntryKind;
 pub use store::LogBytes;

@@ -170,6 +170,24 @@ struct State {
     stats: LogStats,
 }
 
+/// A segment file shipped in a snapshot: the first `send_len` bytes matter,
+/// the rest of its `size` reads as zeros.
+pub struct ShippedSegment {
+    pub name: String,
+    pub size: u64,
+    pub send_len: u64,
+    pub file: Arc<dyn FsFile>,
+}
+
+/// The log up to a snapshot's last entry, as [`CommitLog::ship_upto`] found it.
+pub struct ShippedLog {
+    /// Physical purge point of the sender: the receiver purges the same.
+    pub purged: Option<StoredLogId>,
+    /// Position just after the snapshot's last entry.
+    pub end_pos: u64,
+    pub segments: Vec<ShippedSegment>,
+}
+
 /// The CommitLog. Cheap to share: wrap it in an `Arc`; reads take a shared
 /// lock only long enough to find a mapping; appends take the exclusive lock
 /// for their `pwrite`s, never for an fdatasync (except the rare forced sync
@@ -1383,6 +1401,136 @@ impl CommitLog {
             self.purge(p)?;
         }
         Ok(point)
+    }
+
+    // ----------------------------------------------------------------------
+    // Raft's purge point, and shipping the log in a snapshot
+
+    /// The purge point openraft sees: the later of the one it asked for
+    /// ([`set_raft_purged`](Self::set_raft_purged)) and the physical one.
+    pub fn raft_purged(&self) -> Option<StoredLogId> {
+        let meta = self.lock_meta();
+        meta.raft_purged.max(meta.purged)
+    }
+
+    /// Records openraft's purge point durably without removing data: entries
+    /// up to `upto` are no longer served to Raft, but the message bytes stay
+    /// readable by position until retention [`purge`](Self::purge)s them.
+    /// A point past the last entry purges physically (the whole log is
+    /// superseded, and the next append must carry `upto.index + 1`).
+    pub fn set_raft_purged(&self, upto: StoredLogId) -> Result<()> {
+        let past_end = self.read_state().last.is_none_or(|l| upto.index > l.index);
+        if past_end {
+            self.purge(upto)?;
+        }
+        let _m = self.maintenance.lock().unwrap_or_else(|e| e.into_inner());
+        let mut meta = self.lock_meta();
+        if meta.raft_purged.is_some_and(|p| p.index >= upto.index) {
+            return Ok(());
+        }
+        let mut new = meta.clone();
+        new.raft_purged = Some(upto);
+        new.store(self.fs.as_ref(), &self.dir)?;
+        *meta = new;
+        Ok(())
+    }
+
+    /// Position of the first byte still on disk that belongs to a present
+    /// entry (the end of the log when it is empty). Message positions below
+    /// it were removed by retention.
+    pub fn first_pos(&self) -> u64 {
+        let st = self.read_state();
+        if st.last.is_none() {
+            return st.write_pos;
+        }
+        self.slot_in(&st, st.first_index).map(|s| s.pos).unwrap_or(st.write_pos)
+    }
+
+    /// The segment files holding entries up to and including `upto`, opened
+    /// (an open file survives a later purge), for a snapshot transfer: the
+    /// receiver gets byte-identical segments, so message positions recorded
+    /// by the sender's ConsumeQueues are valid there.
+    pub fn ship_upto(&self, upto: u64) -> Result<ShippedLog> {
+        let _m = self.maintenance.lock().unwrap_or_else(|e| e.into_inner());
+        let st = self.read_state();
+        Self::poisoned(&st)?;
+        let end_pos = match st.last {
+            Some(l) if upto >= st.first_index && upto <= l.index => self.slot(&st, upto)?.end(),
+            Some(_) if upto + 1 == st.first_index => self.slot(&st, st.first_index)?.pos,
+            None if st.next_index == Some(upto + 1) => st.write_pos,
+            _ => {
+                return Err(LogError::NotFound(format!(
+                    "entry {upto} (the log holds {}..={:?})",
+                    st.first_index,
+                    st.last.map(|l| l.index)
+                )));
+            }
+        };
+        let segments = st
+            .segments
+            .values()
+            .filter(|s| s.base < end_pos)
+            .map(|s| ShippedSegment {
+                name: segment_name(s.base, s.size),
+                size: s.size,
+                send_len: (end_pos - s.base).min(s.size),
+                file: s.file.clone(),
+            })
+            .collect();
+        Ok(ShippedLog { purged: self.lock_meta().purged, end_pos, segments })
+    }
+
+    /// Replaces the whole log with the segment files in `incoming` (moved,
+    /// not copied; same file system), whose entries up to `purged` are
+    /// purged. The vote is kept. Runs recovery over the new files, which
+    /// checks every record's CRC. Used when installing a snapshot whose
+    /// ConsumeQueues point into these exact bytes.
+    ///
+    /// Not crash-atomic: a crash part way leaves a log that may refuse to
+    /// open; the node's data directory is then wiped and it re-syncs.
+    pub fn replace_with(&self, incoming: &Path, purged: Option<StoredLogId>) -> Result<RecoveryReport> {
+        let _m = self.maintenance.lock().unwrap_or_else(|e| e.into_inner());
+        let _s = self.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut st = self.write_state();
+            Self::poisoned(&st)?;
+            for (_, seg) in std::mem::take(&mut st.segments) {
+                self.fs.remove_file(&seg.path).map_err(|e| LogError::io(&seg.path, e))?;
+            }
+            for (_, f) in std::mem::take(&mut st.index_files) {
+                self.fs.remove_file(&f.path).map_err(|e| LogError::io(&f.path, e))?;
+            }
+            st.first_index = purged.map(|p| p.index + 1).unwrap_or(0);
+            st.last = None;
+            st.next_index = purged.map(|p| p.index + 1);
+            st.write_pos = 0;
+            st.dirty.clear();
+            st.index_dirty.clear();
+            st.unsynced_bytes = 0;
+            st.synced_seq = st.append_seq;
+        }
+        self.fs.sync_dir(&self.index_dir).map_err(|e| LogError::io(&self.index_dir, e))?;
+        {
+            let mut meta = self.lock_meta();
+            let mut new = meta.clone();
+            new.purged = purged;
+            new.raft_purged = None;
+            new.checkpoint = None;
+            new.committed = None;
+            new.store(self.fs.as_ref(), &self.dir)?;
+            *meta = new;
+        }
+        *self.pending_committed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let names = self.fs.list(incoming).map_err(|e| LogError::io(incoming, e))?;
+        for name in names.iter().filter(|n| parse_segment_name(n).is_some()) {
+            let to = self.data_dir.join(name);
+            self.fs.rename(&incoming.join(name), &to).map_err(|e| LogError::io(&to, e))?;
+        }
+        self.fs.sync_dir(&self.data_dir).map_err(|e| LogError::io(&self.data_dir, e))?;
+        let report = self.recover()?;
+        self.check_invariants();
+        tracing::info!(?report, last = ?self.last_entry(), "log replaced by shipped segments");
+        Ok(report)
     }
 
     /// Syncs everything and writes a checkpoint; the next open rescans nothing.

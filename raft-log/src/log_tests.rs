@@ -623,3 +623,90 @@ fn hole_inside_a_torn_write_is_cut() {
     assert_entries(&log, 0, 10, 1000);
     assert_eq!(log.read(11).unwrap().term, 2);
 }
+
+/// Writes what `ship_upto` returned into `dir` the way a snapshot receiver
+/// does: the first `send_len` bytes, the rest of the file zeros.
+fn receive_shipped(shipped: &crate::log::ShippedLog, dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for seg in &shipped.segments {
+        let mut buf = vec![0u8; seg.send_len as usize];
+        seg.file.read_exact_at(&mut buf, 0).unwrap();
+        let f = std::fs::File::create(dir.join(&seg.name)).unwrap();
+        f.set_len(seg.size).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &buf, 0).unwrap();
+        f.sync_all().unwrap();
+    }
+}
+
+#[test]
+fn shipped_segments_replace_a_log_byte_for_byte() {
+    let src = Env::new();
+    let log = src.open();
+    append(&log, 0, 40, 1, 4000);
+    log.sync().unwrap();
+    let seg_size = src.config.segment_bytes;
+    assert!(src.segments().len() >= 3, "the test needs several segments");
+    // Retention removed the first segment; the sender keeps writing after the
+    // snapshot point, and ships only up to it.
+    let first_seg_last = log.retention_point(SystemTime::now() + Duration::from_secs(100 * 3600), 20).unwrap();
+    let purged = first_seg_last.expect("a closed segment");
+    log.purge(purged).unwrap();
+    let shipped = log.ship_upto(30).unwrap();
+    append(&log, 40, 45, 1, 4000);
+    assert_eq!(shipped.purged, Some(purged));
+    assert_eq!(shipped.end_pos, log.position_of(30).unwrap().0 + log.position_of(30).unwrap().1 as u64);
+    assert!(shipped.segments.iter().all(|s| s.size == seg_size && s.send_len <= s.size));
+
+    // A follower that had an older, shorter history.
+    let dst = Env::new();
+    let flog = dst.open();
+    append(&flog, 0, 5, 1, 4000);
+    flog.save_vote(StoredVote { term: 3, node_id: 2, committed: true }).unwrap();
+    let incoming = dst.dir.path().join("incoming");
+    receive_shipped(&shipped, &incoming);
+    flog.replace_with(&incoming, shipped.purged).unwrap();
+    assert_eq!(flog.last_entry().map(|l| l.index), Some(30));
+    assert_eq!(flog.first_index(), purged.index + 1);
+    assert_eq!(flog.vote(), Some(StoredVote { term: 3, node_id: 2, committed: true }), "the vote is kept");
+    assert_entries(&flog, purged.index + 1, 31, 4000);
+    // Same bytes at the same positions: a position recorded by the sender
+    // reads the same entry here.
+    for i in purged.index + 1..31 {
+        let (pos, _) = log.position_of(i).unwrap();
+        assert_eq!(flog.read_at(pos).unwrap().index, i);
+        assert_eq!(flog.position_of(i).unwrap(), log.position_of(i).unwrap());
+    }
+    // It continues where the sender continued, at the same positions.
+    append(&flog, 31, 45, 1, 4000);
+    for i in 31..45 {
+        assert_eq!(flog.position_of(i).unwrap(), log.position_of(i).unwrap(), "entry {i}");
+    }
+    flog.sync().unwrap();
+    drop(flog);
+    let flog = dst.open();
+    assert_entries(&flog, purged.index + 1, 45, 4000);
+}
+
+#[test]
+fn raft_purge_keeps_the_bytes_until_retention() {
+    let env = Env::new();
+    let log = env.open();
+    append(&log, 0, 20, 1, 100);
+    log.sync().unwrap();
+    let (pos5, _) = log.position_of(5).unwrap();
+    log.set_raft_purged(StoredLogId { term: 1, leader_node: 1, index: 10 }).unwrap();
+    assert_eq!(log.raft_purged().map(|p| p.index), Some(10));
+    assert_eq!(log.purged(), None, "nothing removed physically");
+    assert_eq!(log.read_at(pos5).unwrap().index, 5, "bytes stay readable by position");
+    assert!(log.ship_upto(4).is_ok());
+    drop(log);
+    let log = env.open();
+    assert_eq!(log.raft_purged().map(|p| p.index), Some(10), "durable");
+    // A point past the end supersedes the whole log.
+    log.set_raft_purged(StoredLogId { term: 2, leader_node: 1, index: 30 }).unwrap();
+    assert_eq!(log.purged().map(|p| p.index), Some(30));
+    assert_eq!(log.last_entry(), None);
+    append(&log, 31, 33, 2, 100);
+    assert_eq!(log.last_entry().map(|l| l.index), Some(32));
+    assert!(log.ship_upto(10).is_err(), "entries no longer present cannot be shipped");
+}

@@ -48,6 +48,12 @@ pub struct Meta {
     /// The committed log id openraft last reported (a hint; may lag).
     #[serde(default)]
     pub committed: Option<StoredLogId>,
+    /// The purge point openraft asked for (after a snapshot). Entries up to
+    /// it are gone for Raft but their bytes stay readable by position until
+    /// retention removes them physically (`purged`): a follower that installs
+    /// a snapshot keeps the messages the snapshot's ConsumeQueues point at.
+    #[serde(default)]
+    pub raft_purged: Option<StoredLogId>,
 }
 
 impl Meta {

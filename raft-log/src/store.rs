@@ -298,7 +298,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, LogError> + S
 
 fn read_entries<C: LogTypeConfig>(log: &CommitLog, range: &impl RangeBounds<u64>) -> io::Result<Vec<C::Entry>> {
     let (start, end) = range_to_bounds(range);
-    let start = start.max(log.first_index());
+    // Entries up to openraft's purge point are gone for Raft even while their
+    // bytes are kept for the ConsumeQueues.
+    let raft_first = log.raft_purged().map(|p| p.index + 1).unwrap_or(0);
+    let start = start.max(log.first_index()).max(raft_first);
     if start >= end {
         return Ok(Vec::new());
     }
@@ -339,12 +342,14 @@ impl<C: LogTypeConfig> RaftLogStorage<C> for RaftLogStore<C> {
     type LogReader = LogReader<C>;
 
     async fn get_log_state(&mut self) -> Result<LogState<C>, io::Error> {
-        let purged = self.log.purged().map(to_log_id);
-        let last = self
+        let purged_id = self.log.raft_purged();
+        let last_id = self
             .log
             .last_entry()
-            .map(|l| to_log_id(StoredLogId { term: l.term, leader_node: l.leader_node, index: l.index }))
-            .or(purged);
+            .map(|l| StoredLogId { term: l.term, leader_node: l.leader_node, index: l.index })
+            .max(purged_id);
+        let purged = purged_id.map(to_log_id);
+        let last = last_id.map(to_log_id);
         Ok(LogState { last_purged_log_id: purged, last_log_id: last })
     }
 
@@ -413,6 +418,7 @@ impl<C: LogTypeConfig> RaftLogStorage<C> for RaftLogStore<C> {
     async fn purge(&mut self, log_id: LogId<AdvLeaderId>) -> Result<(), io::Error> {
         let log = self.log.clone();
         let id = from_log_id(&log_id);
-        blocking(move || log.purge(id)).await
+        // Logical: message bytes stay until retention removes them.
+        blocking(move || log.set_raft_purged(id)).await
     }
 }
