@@ -70,15 +70,39 @@ impl Cluster {
     }
 
     fn write_config(&self, i: usize) {
+        self.write_config_with(i, true);
+    }
+
+    /// Writes node index `i`'s TOML. `extra_config` may carry its own `[log]`
+    /// table; otherwise small test segments are used.
+    fn write_config_with(&self, i: usize, bootstrap: bool) {
         let (id, _) = &self.nodes[i];
         let peers: String = self.nodes.iter().map(|(id, a)| format!("{id} = \"{a}\"\n")).collect();
+        let log = if self.extra_config.contains("[log]") {
+            ""
+        } else {
+            "[log]\nsegment_bytes = 16777216\nmax_entry_bytes = 8388608\n"
+        };
         let toml = format!(
-            "broker_name = \"broker-a\"\nnode_id = {id}\ndata_dir = \"{}\"\nnamesrv = [\"{}\"]\n{}\n[peers]\n{peers}\n[log]\nsegment_bytes = 16777216\nmax_entry_bytes = 8388608\n",
+            "broker_name = \"broker-a\"\nnode_id = {id}\nbootstrap = {bootstrap}\ndata_dir = \"{}\"\nnamesrv = [\"{}\"]\n[peers]\n{peers}\n{}\n{log}",
             self.dir.join(format!("n{id}")).display(),
             self.namesrv_addr,
             self.extra_config,
         );
         std::fs::write(self.dir.join(format!("n{id}.toml")), toml).expect("write config");
+    }
+
+    /// Starts one more node process that does not bootstrap: it waits to be
+    /// added to the group (membership change). Returns its id and address.
+    pub fn add_node_process(&mut self) -> (u64, String) {
+        let id = self.nodes.iter().map(|(id, _)| *id).max().unwrap_or(0) + 1;
+        let addr = format!("127.0.0.1:{}", free_ports(1)[0]);
+        self.nodes.push((id, addr.clone()));
+        self.brokers.push(None);
+        let i = self.nodes.len() - 1;
+        self.write_config_with(i, false);
+        self.start_node(i);
+        (id, addr)
     }
 
     /// Starts (or restarts) node index `i`.

@@ -87,6 +87,8 @@ impl Admin {
             followers,
             disk_bytes: n.log.disk_bytes(),
             error: String::new(),
+            log_first_index: n.log.first_index(),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
         }
     }
 

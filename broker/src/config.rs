@@ -69,6 +69,10 @@ pub struct RaftTuning {
     pub election_timeout_max_ms: u64,
     /// Most entries in one replication request. Default: 2048.
     pub max_payload_entries: u64,
+    /// How often retention runs (segment age `log.file_reserved_time_hours`
+    /// and disk ratio `log.disk_max_used_ratio`); it builds a snapshot first
+    /// when none covers what it removes. Default: 10000 ms.
+    pub retention_check_interval_ms: u64,
 }
 
 impl Default for RaftTuning {
@@ -78,6 +82,7 @@ impl Default for RaftTuning {
             election_timeout_min_ms: 800,
             election_timeout_max_ms: 1400,
             max_payload_entries: 2048,
+            retention_check_interval_ms: 10_000,
         }
     }
 }

@@ -153,6 +153,52 @@ impl ConsumeQueue {
         Ok(())
     }
 
+    /// The encoded records `0..max_offset`, for a snapshot.
+    pub fn raw_records(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.max_offset as usize * RECORD_LEN);
+        let mut offset = 0;
+        while offset < self.max_offset {
+            let no = offset / RECORDS_PER_FILE;
+            let n = (RECORDS_PER_FILE - offset % RECORDS_PER_FILE).min(self.max_offset - offset);
+            let f = self.files.get(&no).expect("every counted record has its file");
+            let at = (offset % RECORDS_PER_FILE) as usize * RECORD_LEN;
+            out.extend_from_slice(&f.map[at..at + n as usize * RECORD_LEN]);
+            offset += n;
+        }
+        out
+    }
+
+    /// Appends encoded records (as [`raw_records`](Self::raw_records) gives them).
+    pub fn append_raw(&mut self, raw: &[u8]) -> Result<()> {
+        if raw.len() % RECORD_LEN != 0 {
+            return Err(BrokerError::Corrupt(format!("{} bytes of records is not whole records", raw.len())));
+        }
+        for chunk in raw.chunks(RECORD_LEN * 4096) {
+            let records: Vec<CqRecord> = chunk.chunks_exact(RECORD_LEN).map(CqRecord::decode).collect();
+            if records.iter().any(|r| r.size == 0) {
+                return Err(BrokerError::Corrupt("an empty record in a snapshot's consume queue".into()));
+            }
+            self.append(&records)?;
+        }
+        Ok(())
+    }
+
+    /// The first offset whose message starts at or after `min_pos` (records
+    /// before it point at bytes retention removed). Positions grow with
+    /// offsets, so this is a binary search.
+    pub fn first_offset_at_or_after(&self, min_pos: u64) -> u64 {
+        let (mut lo, mut hi) = (0, self.max_offset);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.get_unchecked(mid).is_some_and(|r| r.pos >= min_pos) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        lo
+    }
+
     /// Takes the files written since the last call, to fsync outside locks.
     pub fn take_dirty(&mut self) -> Vec<Arc<File>> {
         std::mem::take(&mut self.dirty)
@@ -178,6 +224,26 @@ mod tests {
         assert_eq!(q.get(5).unwrap(), CqRecord { pos: 500, size: 50, tag_hash: 5 });
         // The state claiming more records than stored is corruption.
         assert!(ConsumeQueue::open(dir.path(), 3 * RECORDS_PER_FILE).is_err());
+    }
+
+    #[test]
+    fn raw_roundtrip_and_first_offset_search() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = ConsumeQueue::open(&dir.path().join("a"), 0).unwrap();
+        let recs: Vec<CqRecord> =
+            (0..70_000u64).map(|i| CqRecord { pos: 100 + i * 10, size: 7, tag_hash: i }).collect();
+        q.append(&recs).unwrap();
+        let raw = q.raw_records();
+        assert_eq!(raw.len(), 70_000 * RECORD_LEN);
+        let mut copy = ConsumeQueue::open(&dir.path().join("b"), 0).unwrap();
+        copy.append_raw(&raw).unwrap();
+        assert_eq!(copy.max_offset(), 70_000);
+        assert_eq!(copy.get(65_537), q.get(65_537));
+        assert_eq!(q.first_offset_at_or_after(0), 0);
+        assert_eq!(q.first_offset_at_or_after(105), 1);
+        assert_eq!(q.first_offset_at_or_after(110), 1);
+        assert_eq!(q.first_offset_at_or_after(100 + 69_999 * 10 + 1), 70_000);
+        assert!(copy.append_raw(&raw[..7]).is_err());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! - [`config`]: TOML configuration, every default documented;
 //! - [`command`]: the commands a Raft entry carries (message batches, control);
 //! - [`sm`]: the state machine (ConsumeQueues in [`cq`], state in RocksDB);
+//! - [`snapshot`]: snapshots (state machine files + shipped CommitLog segments);
 //! - [`node`]: CommitLog + state machine + openraft; proposing to the leader;
 //! - [`network`]: the Raft transport over gRPC;
 //! - [`messaging`]: the RocketMQ 5 client API (`apache.rocketmq.v2`);
@@ -21,6 +22,7 @@ pub mod node;
 pub mod registry;
 pub mod server;
 pub mod sm;
+pub mod snapshot;
 pub mod types;
 
 pub use config::BrokerConfig;

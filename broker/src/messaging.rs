@@ -312,7 +312,32 @@ impl Messaging {
                 match resp {
                     command::Response::Popped { messages } if !messages.is_empty() => {
                         let read = self.read_popped(topic, &messages, index).await?;
-                        return Ok(messages.into_iter().zip(read).map(|(p, r)| (p, index, r)).collect());
+                        let mut by_offset: HashMap<(u32, u64), ReadMessage> =
+                            read.into_iter().map(|r| ((r.queue, r.offset), r)).collect();
+                        let mut out = Vec::with_capacity(messages.len());
+                        for p in messages {
+                            match by_offset.remove(&(p.queue, p.offset)) {
+                                Some(r) => out.push((p, index, r)),
+                                None => {
+                                    // Retention removed it before anyone consumed it:
+                                    // it is consumed as far as the group is concerned.
+                                    let ack = Control::Ack {
+                                        group: group.to_string(),
+                                        topic: topic.to_string(),
+                                        queue: p.queue,
+                                        offset: p.offset,
+                                        pop_index: index,
+                                    };
+                                    if let Err(e) = self.node.propose(command::encode_control(&ack)).await {
+                                        tracing::warn!(error = %e, "acking an expired message");
+                                    }
+                                }
+                            }
+                        }
+                        if !out.is_empty() {
+                            return Ok(out);
+                        }
+                        continue;
                     }
                     command::Response::Popped { .. } => {}
                     command::Response::Refused { code: RefusedCode::TopicNotFound, .. } => {
@@ -360,13 +385,12 @@ impl Messaging {
         Ok(out)
     }
 
+    /// The popped messages still present, in order.
     fn read_local(&self, topic: &str, popped: &[Popped]) -> Result<Vec<ReadMessage>> {
         let mut out = Vec::with_capacity(popped.len());
         for p in popped {
-            let mut m = self.node.sm.read_messages(topic, p.queue, &[p.offset])?;
-            out.push(
-                m.pop().ok_or_else(|| BrokerError::Corrupt(format!("{topic}/{}/{} vanished", p.queue, p.offset)))?,
-            );
+            // Empty when retention removed the message.
+            out.extend(self.node.sm.read_messages(topic, p.queue, &[p.offset])?);
         }
         Ok(out)
     }
@@ -744,7 +768,10 @@ impl MessagingService for Messaging {
             let until = tokio::time::Instant::now() + Duration::from_millis(poll);
             loop {
                 let notified = self.node.sm.activity.notified();
-                let (_, max) = self.node.sm.queue_range(&topic, queue).unwrap_or((0, 0));
+                let (min, max) = self.node.sm.queue_range(&topic, queue).unwrap_or((0, 0));
+                // Below the queue's minimum, retention removed the messages:
+                // the pull starts at the oldest one kept.
+                let start = start.max(min);
                 if start < max || tokio::time::Instant::now() >= until {
                     let offsets: Vec<u64> = (start..max.min(start + n)).collect();
                     let read = self.node.sm.read_messages(&topic, queue, &offsets)?;

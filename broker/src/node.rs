@@ -91,7 +91,7 @@ impl BrokerNode {
             ..Default::default()
         }
         .validate()?;
-        let network = Network { group: config.broker_name.clone() };
+        let network = Network { group: config.broker_name.clone(), log: log.clone() };
         let raft = Arc::new(openraft::Raft::new(config.node_id, Arc::new(raft_config), network, store, sm).await?);
 
         if config.bootstrap && !raft.is_initialized().await? {
@@ -112,6 +112,21 @@ impl BrokerNode {
             peers: Mutex::new(HashMap::new()),
             round_robin: AtomicU64::new(0),
             started: Instant::now(),
+        });
+        let weak = Arc::downgrade(&node);
+        let retention_every = Duration::from_millis(node.config.raft.retention_check_interval_ms);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(retention_every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(n) = weak.upgrade() else { return };
+                match n.run_retention().await {
+                    Ok(Some(upto)) => tracing::info!(upto, "retention removed log segments"),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "retention did not run"),
+                }
+            }
         });
         let weak = Arc::downgrade(&node);
         tokio::spawn(async move {
@@ -216,6 +231,38 @@ impl BrokerNode {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Err(last_err)
+    }
+
+    /// One retention pass: finds the closed segments to drop (by age and disk
+    /// ratio, never past what is applied), makes sure a snapshot covers them
+    /// (openraft purges only what a snapshot covers, and a follower that
+    /// needs them later gets that snapshot), has openraft purge them, then
+    /// removes the files. Returns the last entry removed.
+    pub async fn run_retention(&self) -> Result<Option<u64>> {
+        let needed_from = self.sm.applied_index() + 1;
+        let log = self.log.clone();
+        let point = tokio::task::spawn_blocking(move || log.retention_point(std::time::SystemTime::now(), needed_from))
+            .await
+            .map_err(|e| BrokerError::Raft(e.to_string()))??;
+        let Some(p) = point else { return Ok(None) };
+        let snapshot_covers = |m: &openraft::RaftMetrics<TypeConfig>| m.snapshot.is_some_and(|s| s.index >= p.index);
+        if !snapshot_covers(&self.raft.metrics().borrow_watched()) {
+            self.raft.trigger().snapshot().await.map_err(|e| BrokerError::Raft(e.to_string()))?;
+            self.raft
+                .wait(Some(Duration::from_secs(120)))
+                .metrics(snapshot_covers, "a snapshot covering the retention point")
+                .await
+                .map_err(|e| BrokerError::Timeout(e.to_string()))?;
+        }
+        self.raft.trigger().purge_log(p.index).await.map_err(|e| BrokerError::Raft(e.to_string()))?;
+        self.raft
+            .wait(Some(Duration::from_secs(60)))
+            .metrics(|m| m.purged.is_some_and(|x| x.index >= p.index), "openraft purged to the retention point")
+            .await
+            .map_err(|e| BrokerError::Timeout(e.to_string()))?;
+        let log = self.log.clone();
+        tokio::task::spawn_blocking(move || log.purge(p)).await.map_err(|e| BrokerError::Raft(e.to_string()))??;
+        Ok(Some(p.index))
     }
 
     /// Shuts Raft down after a final state checkpoint.

@@ -26,9 +26,13 @@ pub async fn serve(
     let admin = AdminServiceServer::new(Admin { node: node.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let raft = RaftServiceServer::new(RaftServer { group: node.config.broker_name.clone(), raft: node.raft.clone() })
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20);
+    let raft = RaftServiceServer::new(RaftServer {
+        group: node.config.broker_name.clone(),
+        raft: node.raft.clone(),
+        snapshot_root: node.config.data_dir.join("state").join("snapshots"),
+    })
+    .max_decoding_message_size(256 << 20)
+    .max_encoding_message_size(256 << 20);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(messaging)

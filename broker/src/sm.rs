@@ -28,14 +28,11 @@ use bytes::Bytes;
 use futures::StreamExt;
 use openraft::EntryPayload;
 use openraft::RaftSnapshotBuilder;
-use openraft::SnapshotMeta;
 use openraft::storage::EntryResponder;
 use openraft::storage::RaftStateMachine;
-use openraft::storage::Snapshot;
 use prost::Message as _;
 use raft_log::CommitLog;
 use raft_log::record::HEADER_LEN;
-use raft_log::store::AdvLeaderId;
 use raftmq_proto::store::StoredMessage;
 use serde::Deserialize;
 use serde::Serialize;
@@ -51,7 +48,12 @@ use crate::cq::CqRecord;
 use crate::cq::tag_hash;
 use crate::error::BrokerError;
 use crate::error::Result;
+use crate::snapshot;
+use crate::snapshot::SnapState;
+use crate::snapshot::SnapshotDir;
 use crate::types::LogId;
+use crate::types::Snapshot as RaftSnapshot;
+use crate::types::SnapshotMeta as RaftSnapshotMeta;
 use crate::types::StoredMembership;
 use crate::types::TypeConfig;
 
@@ -130,6 +132,7 @@ pub struct SmShared {
     applied_tx: tokio::sync::watch::Sender<u64>,
     /// Woken whenever messages are applied or invisibility may have expired.
     pub activity: tokio::sync::Notify,
+    snapshots: snapshot::Store,
 }
 
 /// The openraft state machine; cheap to clone.
@@ -248,6 +251,7 @@ impl StateMachineStore {
                 checkpoint_lock: std::sync::Mutex::new(()),
                 applied_tx,
                 activity: tokio::sync::Notify::new(),
+                snapshots: snapshot::Store::new(dir.join("snapshots"))?,
             }),
         })
     }
@@ -342,7 +346,9 @@ impl SmShared {
                 .queues
                 .get(&(topic.to_string(), queue))
                 .ok_or_else(|| BrokerError::TopicNotFound(format!("{topic} queue {queue}")))?;
-            offsets.iter().filter_map(|&o| q.get(o).map(|r| (o, r))).collect()
+            // Messages retention removed are skipped.
+            let floor = self.log.first_pos();
+            offsets.iter().filter_map(|&o| q.get(o).map(|r| (o, r))).filter(|(_, r)| r.pos >= floor).collect()
         };
         let mut out = Vec::with_capacity(records.len());
         for (offset, r) in records {
@@ -367,10 +373,11 @@ impl SmShared {
         self.read().queues.get(&(topic.to_string(), queue))?.get(offset).map(|r| r.pos)
     }
 
-    /// (min, max) offsets of a queue.
+    /// (min, max) offsets of a queue; below min, retention removed the messages.
     pub fn queue_range(&self, topic: &str, queue: u32) -> Option<(u64, u64)> {
         let st = self.read();
-        st.queues.get(&(topic.to_string(), queue)).map(|q| (0, q.max_offset()))
+        let floor = self.log.first_pos();
+        st.queues.get(&(topic.to_string(), queue)).map(|q| (q.first_offset_at_or_after(floor), q.max_offset()))
     }
 
     /// Whether a pop of `group` on these queues would find anything at `now_ms`.
@@ -412,6 +419,185 @@ impl SmShared {
             }
         }
         Ok(out)
+    }
+
+    /// Builds a snapshot of the applied state: tables and ConsumeQueue
+    /// records are captured under the state lock (with a RocksDB snapshot
+    /// for the key index, whose rows are written under the same lock), then
+    /// written out without it. The CommitLog part is shipped at send time.
+    pub fn build_snapshot(&self) -> io::Result<RaftSnapshot> {
+        let started = std::time::Instant::now();
+        let tmp = self.snapshots.temp_dir("tmp")?;
+        let (state, cqs, db_snap) = {
+            let st = self.read();
+            let state = SnapState {
+                last_applied: st.last_applied,
+                membership: st.membership.clone(),
+                topics: st.topics.values().cloned().collect(),
+                groups: st.groups.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                queues: st.queues.iter().map(|((t, q), c)| (t.clone(), *q, c.max_offset())).collect(),
+                messages_applied: st.messages_applied,
+            };
+            let cqs: Vec<(String, u32, Vec<u8>)> =
+                st.queues.iter().map(|((t, q), c)| (t.clone(), *q, c.raw_records())).collect();
+            (state, cqs, self.db.snapshot())
+        };
+        snapshot::write_file(&tmp.join(snapshot::STATE_FILE), &snapshot::encode(&state))?;
+        for (t, q, raw) in &cqs {
+            snapshot::write_file(&snapshot::cq_path(&tmp, t, *q), raw)?;
+        }
+        let mut keys = snapshot::KeyWriter::create(&tmp)?;
+        for item in db_snap.iterator(rocksdb::IteratorMode::From(b"k/", rocksdb::Direction::Forward)) {
+            let (k, _) = item.map_err(io::Error::other)?;
+            if !k.starts_with(b"k/") {
+                break;
+            }
+            keys.push(&k)?;
+        }
+        let key_rows = keys.rows;
+        keys.finish()?;
+        drop(db_snap);
+        let last = state.last_applied;
+        let meta = RaftSnapshotMeta { last_log_id: last, last_membership: state.membership.clone() };
+        let dir = self.snapshots.seal(&tmp, &meta)?;
+        tracing::info!(
+            last = ?last, queues = cqs.len(), key_rows, ms = started.elapsed().as_millis() as u64,
+            "snapshot built"
+        );
+        Ok(RaftSnapshot { meta, snapshot: SnapshotDir { dir } })
+    }
+
+    /// Whether the local log holds entry `last` ending at `end_pos`: then it
+    /// is byte-identical to the sender's up to there (same entries, same
+    /// layout), and the snapshot's positions are valid here.
+    fn log_matches(&self, last: &LogId, end_pos: u64) -> bool {
+        let Ok((pos, len)) = self.log.position_of(last.index) else { return false };
+        let Ok(r) = self.log.read(last.index) else { return false };
+        r.term == last.leader_id.term && r.leader_node == last.leader_id.node_id && pos + u64::from(len) == end_pos
+    }
+
+    /// Installs a snapshot: one received from the leader (`header.bin`,
+    /// `sm/`, `log/`), or our own current one at restart.
+    ///
+    /// A received one first makes the log hold the sender's bytes up to the
+    /// snapshot's last entry: kept if the local log already matches there
+    /// (never dropping entries this node acknowledged past it), else
+    /// replaced by the shipped segments. Then the state machine part becomes
+    /// the current snapshot, and the state is loaded from it.
+    pub fn install_snapshot(&self, meta: &RaftSnapshotMeta, dir: &Path) -> io::Result<()> {
+        let last = meta
+            .last_log_id
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "a snapshot without a last log id"))?;
+        let header_path = dir.join(snapshot::HEADER_FILE);
+        let sm_dir = if header_path.exists() {
+            let header: snapshot::TransferHeader = snapshot::read_file(&header_path)?;
+            if self.log_matches(&last, header.log_end_pos) {
+                tracing::info!(?last, "local log already holds the snapshot's entries; keeping it");
+            } else {
+                self.log
+                    .replace_with(&dir.join(snapshot::LOG_PART), header.log_purged, header.log_end_pos)
+                    .map_err(io::Error::other)?;
+                // Either the log holds entry L where the sender has it, or
+                // every entry up to L is purged and the log continues at the
+                // sender's position.
+                let all_purged = self.log.last_entry().is_none()
+                    && self.log.purged().is_some_and(|p| p.index >= last.index)
+                    && self.log.end_pos() == header.log_end_pos;
+                if !all_purged && !self.log_matches(&last, header.log_end_pos) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("shipped segments do not end with entry {last} at {}", header.log_end_pos),
+                    ));
+                }
+            }
+            let sealed = self.snapshots.seal(&dir.join(snapshot::SM_PART), meta)?;
+            std::fs::remove_dir_all(dir)?;
+            sealed
+        } else {
+            dir.to_path_buf()
+        };
+        self.load_snapshot_state(&sm_dir, last)
+    }
+
+    /// Replaces the in-memory state, the ConsumeQueue files and RocksDB with
+    /// a snapshot's. RocksDB is cleared first and the applied id is written
+    /// last, so a crash part way leaves no applied id and the next start
+    /// installs the (already current) snapshot again.
+    fn load_snapshot_state(&self, sm_dir: &Path, last: LogId) -> io::Result<()> {
+        let _one = self.checkpoint_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let state: SnapState = snapshot::read_file(&sm_dir.join(snapshot::STATE_FILE))?;
+        if state.last_applied != Some(last) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("snapshot state is at {:?}, its meta says {last}", state.last_applied),
+            ));
+        }
+        let mut st = self.write();
+        st.queues.clear();
+        if self.cq_root.exists() {
+            std::fs::remove_dir_all(&self.cq_root)?;
+        }
+        let mut queues = HashMap::new();
+        for (t, q, n) in &state.queues {
+            let raw = std::fs::read(snapshot::cq_path(sm_dir, t, *q))?;
+            if raw.len() as u64 != n * crate::cq::RECORD_LEN as u64 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("snapshot queue {t}/{q}: {} bytes for {n} records", raw.len()),
+                ));
+            }
+            let mut cq = ConsumeQueue::open(&self.cq_root.join(t).join(q.to_string()), 0).map_err(io::Error::other)?;
+            cq.append_raw(&raw).map_err(io::Error::other)?;
+            for f in cq.take_dirty() {
+                f.sync_data()?;
+            }
+            queues.insert((t.clone(), *q), cq);
+        }
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        let mut clear = rocksdb::WriteBatch::default();
+        clear.delete_range(b"\x00".to_vec(), b"\xff".to_vec());
+        self.db.write_opt(clear, &wo).map_err(io::Error::other)?;
+        let mut batch = rocksdb::WriteBatch::default();
+        let rows = snapshot::for_each_key(sm_dir, |row| {
+            if !row.starts_with(b"k/") {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "a key-index row without its prefix"));
+            }
+            batch.put(row, b"");
+            if batch.len() >= 10_000 {
+                self.db.write(std::mem::take(&mut batch)).map_err(io::Error::other)?;
+            }
+            Ok(())
+        })?;
+        for t in &state.topics {
+            batch.put(k_topic(&t.name), enc(t));
+        }
+        for (t, q, n) in &state.queues {
+            batch.put(k_queue(t, *q), enc(n));
+        }
+        for (k, g) in &state.groups {
+            batch.put(k_group(k), enc(g));
+        }
+        batch.put(K_APPLIED, enc(&state.last_applied));
+        batch.put(K_MEMBERSHIP, enc(&state.membership));
+        self.db.write_opt(batch, &wo).map_err(io::Error::other)?;
+
+        st.queues = queues;
+        st.topics = state.topics.into_iter().map(|t| (t.name.clone(), t)).collect();
+        st.groups = state.groups.into_iter().collect();
+        st.membership = state.membership;
+        st.last_applied = state.last_applied;
+        st.messages_applied = state.messages_applied;
+        st.dirty_topics.clear();
+        st.deleted_topics.clear();
+        st.dirty_queues.clear();
+        st.dirty_groups.clear();
+        st.pending_removals.clear();
+        drop(st);
+        self.applied_tx.send_replace(last.index);
+        self.activity.notify_waiters();
+        tracing::info!(%last, key_rows = rows, "snapshot installed");
+        Ok(())
     }
 
     fn apply_send(
@@ -626,21 +812,16 @@ impl SmShared {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotDir;
 
-    async fn build_snapshot(
-        &mut self,
-    ) -> std::result::Result<Snapshot<AdvLeaderId, u64, openraft::BasicNode, Vec<u8>>, io::Error> {
-        // The log is the data: a snapshot must carry the retained CommitLog
-        // segments, which is not built yet. The group runs with
-        // `SnapshotPolicy::Never` and never purges the log through openraft,
-        // so openraft does not ask for one.
-        Err(io::Error::new(io::ErrorKind::Unsupported, "snapshots with CommitLog segments are not implemented"))
+    async fn build_snapshot(&mut self) -> std::result::Result<RaftSnapshot, io::Error> {
+        let sh = self.shared.clone();
+        tokio::task::spawn_blocking(move || sh.build_snapshot()).await.map_err(io::Error::other)?
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotDir;
     type SnapshotBuilder = StateMachineStore;
 
     async fn applied_state(&mut self) -> std::result::Result<(Option<LogId>, StoredMembership), io::Error> {
@@ -710,15 +891,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMeta<AdvLeaderId, u64, openraft::BasicNode>,
-        _snapshot: Vec<u8>,
+        meta: &RaftSnapshotMeta,
+        snapshot: SnapshotDir,
     ) -> std::result::Result<(), io::Error> {
-        Err(io::Error::new(io::ErrorKind::Unsupported, "snapshots with CommitLog segments are not implemented"))
+        let sh = self.shared.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || sh.install_snapshot(&meta, &snapshot.dir))
+            .await
+            .map_err(io::Error::other)?
     }
 
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> std::result::Result<Option<Snapshot<AdvLeaderId, u64, openraft::BasicNode, Vec<u8>>>, io::Error> {
-        Ok(None)
+    async fn get_current_snapshot(&mut self) -> std::result::Result<Option<RaftSnapshot>, io::Error> {
+        Ok(self.shared.snapshots.current()?.map(|(meta, dir)| RaftSnapshot { meta, snapshot: SnapshotDir { dir } }))
     }
 }

@@ -1466,14 +1466,16 @@ impl CommitLog {
                 )));
             }
         };
+        // A segment starting exactly at `end_pos` goes too, empty: the
+        // receiver then continues writing at the same position.
         let segments = st
             .segments
             .values()
-            .filter(|s| s.base < end_pos)
+            .filter(|s| s.base <= end_pos)
             .map(|s| ShippedSegment {
                 name: segment_name(s.base, s.size),
                 size: s.size,
-                send_len: (end_pos - s.base).min(s.size),
+                send_len: end_pos.saturating_sub(s.base).min(s.size),
                 file: s.file.clone(),
             })
             .collect();
@@ -1482,13 +1484,13 @@ impl CommitLog {
 
     /// Replaces the whole log with the segment files in `incoming` (moved,
     /// not copied; same file system), whose entries up to `purged` are
-    /// purged. The vote is kept. Runs recovery over the new files, which
+    /// purged, and which end at `end_pos`. The vote is kept. Runs recovery over the new files, which
     /// checks every record's CRC. Used when installing a snapshot whose
     /// ConsumeQueues point into these exact bytes.
     ///
     /// Not crash-atomic: a crash part way leaves a log that may refuse to
     /// open; the node's data directory is then wiped and it re-syncs.
-    pub fn replace_with(&self, incoming: &Path, purged: Option<StoredLogId>) -> Result<RecoveryReport> {
+    pub fn replace_with(&self, incoming: &Path, purged: Option<StoredLogId>, end_pos: u64) -> Result<RecoveryReport> {
         let _m = self.maintenance.lock().unwrap_or_else(|e| e.into_inner());
         let _s = self.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
         {
@@ -1528,6 +1530,14 @@ impl CommitLog {
         }
         self.fs.sync_dir(&self.data_dir).map_err(|e| LogError::io(&self.data_dir, e))?;
         let report = self.recover()?;
+        {
+            // Nothing shipped (every entry up to the snapshot purged, no
+            // segment left): continue at the sender's position all the same.
+            let mut st = self.write_state();
+            if st.last.is_none() && st.segments.is_empty() {
+                st.write_pos = end_pos;
+            }
+        }
         self.check_invariants();
         tracing::info!(?report, last = ?self.last_entry(), "log replaced by shipped segments");
         Ok(report)

@@ -656,6 +656,12 @@ fn shipped_segments_replace_a_log_byte_for_byte() {
     assert_eq!(shipped.purged, Some(purged));
     assert_eq!(shipped.end_pos, log.position_of(30).unwrap().0 + log.position_of(30).unwrap().1 as u64);
     assert!(shipped.segments.iter().all(|s| s.size == seg_size && s.send_len <= s.size));
+    // Shipping up to the purge point, whose next entry opens a segment,
+    // sends that segment empty: the receiver continues at its start.
+    let edge = log.ship_upto(purged.index).unwrap();
+    assert_eq!(edge.end_pos, log.position_of(purged.index + 1).unwrap().0);
+    assert_eq!(edge.segments.len(), 1);
+    assert_eq!(edge.segments[0].send_len, 0, "the segment after the cut goes empty");
 
     // A follower that had an older, shorter history.
     let dst = Env::new();
@@ -664,7 +670,7 @@ fn shipped_segments_replace_a_log_byte_for_byte() {
     flog.save_vote(StoredVote { term: 3, node_id: 2, committed: true }).unwrap();
     let incoming = dst.dir.path().join("incoming");
     receive_shipped(&shipped, &incoming);
-    flog.replace_with(&incoming, shipped.purged).unwrap();
+    flog.replace_with(&incoming, shipped.purged, shipped.end_pos).unwrap();
     assert_eq!(flog.last_entry().map(|l| l.index), Some(30));
     assert_eq!(flog.first_index(), purged.index + 1);
     assert_eq!(flog.vote(), Some(StoredVote { term: 3, node_id: 2, committed: true }), "the vote is kept");
@@ -709,4 +715,18 @@ fn raft_purge_keeps_the_bytes_until_retention() {
     append(&log, 31, 33, 2, 100);
     assert_eq!(log.last_entry().map(|l| l.index), Some(32));
     assert!(log.ship_upto(10).is_err(), "entries no longer present cannot be shipped");
+}
+
+#[test]
+fn a_log_replaced_by_nothing_continues_at_the_senders_position() {
+    let env = Env::new();
+    let log = env.open();
+    append(&log, 0, 3, 1, 100);
+    let incoming = env.dir.path().join("incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    log.replace_with(&incoming, Some(StoredLogId { term: 2, leader_node: 1, index: 99 }), 5_000_000).unwrap();
+    assert_eq!(log.last_entry(), None);
+    assert_eq!(log.first_pos(), 5_000_000);
+    append(&log, 100, 102, 2, 100);
+    assert_eq!(log.position_of(100).unwrap().0, 5_000_000);
 }

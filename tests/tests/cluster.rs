@@ -17,12 +17,12 @@ use raftmq_client::ProducerOptions;
 use raftmq_client::SimpleConsumer;
 use raftmq_tests::Cluster;
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
 /// Waits until some node reports a leader that every reachable node agrees on.
-async fn wait_for_leader(c: &Cluster, within: Duration) -> (u64, Admin) {
+pub(crate) async fn wait_for_leader(c: &Cluster, within: Duration) -> (u64, Admin) {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         for (_, addr) in &c.nodes {
@@ -39,7 +39,7 @@ async fn wait_for_leader(c: &Cluster, within: Duration) -> (u64, Admin) {
     panic!("no leader within {within:?}");
 }
 
-async fn create_topic(a: &Admin, name: &str, queues: u32) {
+pub(crate) async fn create_topic(a: &Admin, name: &str, queues: u32) {
     for _ in 0..50 {
         match a.create_topic(name, queues, 1, false).await {
             Ok(_) => return,

@@ -8,3 +8,4 @@
 mod cluster;
 mod commitlog_kill;
 mod compat_python;
+mod snapshot;

@@ -257,14 +257,26 @@ async fn main() -> anyhow::Result<()> {
                         "term": n.term, "commit_index": n.commit_index, "applied_index": n.applied_index,
                         "last_log_index": n.last_log_index, "leader_id": n.leader_id, "reads_served": n.reads_served,
                         "follower_reads_served": n.follower_reads_served, "disk_bytes": n.disk_bytes,
+                        "log_first_index": n.log_first_index, "snapshot_index": n.snapshot_index,
                         "followers": n.followers.iter().map(|f| json!({"node_id": f.node_id, "matched_index": f.matched_index, "lag": f.lag})).collect::<Vec<_>>(),
                         "error": n.error}))
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 println!(
-                    "{:<5} {:<10} {:<22} {:<11} {:>5} {:>10} {:>10} {:>10} {:>8} {:>10}",
-                    "NODE", "GROUP", "ADDRESS", "ROLE", "TERM", "LAST", "COMMIT", "APPLIED", "LAG", "READS"
+                    "{:<5} {:<10} {:<22} {:<11} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>10}",
+                    "NODE",
+                    "GROUP",
+                    "ADDRESS",
+                    "ROLE",
+                    "TERM",
+                    "FIRST",
+                    "LAST",
+                    "COMMIT",
+                    "APPLIED",
+                    "LAG",
+                    "READS",
+                    "SNAPSHOT"
                 );
                 for n in &nodes {
                     let lag = nodes
@@ -274,17 +286,19 @@ async fn main() -> anyhow::Result<()> {
                         .map(|f| f.lag.to_string())
                         .unwrap_or_else(|| "-".into());
                     println!(
-                        "{:<5} {:<10} {:<22} {:<11} {:>5} {:>10} {:>10} {:>10} {:>8} {:>10}",
+                        "{:<5} {:<10} {:<22} {:<11} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>10}",
                         n.node_id,
                         n.broker_name,
                         n.address,
                         n.role,
                         n.term,
+                        n.log_first_index,
                         n.last_log_index,
                         n.commit_index,
                         n.applied_index,
                         lag,
-                        n.reads_served
+                        n.reads_served,
+                        n.snapshot_index
                     );
                     if !n.error.is_empty() {
                         println!("      error: {}", n.error);
