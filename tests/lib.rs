@@ -33,6 +33,8 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 /// A running test cluster. Killed on drop.
 pub struct Cluster {
     pub dir: PathBuf,
+    /// The group's broker name.
+    pub name: String,
     pub namesrv_addr: String,
     pub nodes: Vec<(u64, String)>,
     namesrv: Option<Child>,
@@ -44,21 +46,36 @@ impl Cluster {
     /// Starts a name server and a group of `n` brokers; `extra_config` is
     /// appended to every node's TOML.
     pub fn start(dir: &Path, n: usize, extra_config: &str) -> Cluster {
+        Self::start_group(dir, "broker-a", n, extra_config, None)
+    }
+
+    /// Starts group `name` of `n` brokers registering with `namesrv`, or
+    /// with a name server of its own (owned: stopped with the group) when
+    /// `None`. `extra_config` holds TOML tables appended to every node's
+    /// config.
+    pub fn start_group(dir: &Path, name: &str, n: usize, extra_config: &str, namesrv: Option<&str>) -> Cluster {
         let ports = free_ports(n + 1);
-        let namesrv_addr = format!("127.0.0.1:{}", ports[0]);
         let nodes: Vec<(u64, String)> = (0..n).map(|i| (i as u64 + 1, format!("127.0.0.1:{}", ports[i + 1]))).collect();
-        let log = std::fs::File::create(dir.join("namesrv.log")).expect("log file");
-        let namesrv = Command::new(bin("raftmq-namesrv"))
-            .args(["--listen", &namesrv_addr])
-            .stdout(log.try_clone().expect("clone"))
-            .stderr(log)
-            .spawn()
-            .expect("start namesrv");
+        let (namesrv_addr, namesrv) = match namesrv {
+            Some(a) => (a.to_string(), None),
+            None => {
+                let addr = format!("127.0.0.1:{}", ports[0]);
+                let log = std::fs::File::create(dir.join("namesrv.log")).expect("log file");
+                let child = Command::new(bin("raftmq-namesrv"))
+                    .args(["--listen", &addr])
+                    .stdout(log.try_clone().expect("clone"))
+                    .stderr(log)
+                    .spawn()
+                    .expect("start namesrv");
+                (addr, Some(child))
+            }
+        };
         let mut c = Cluster {
             dir: dir.to_path_buf(),
+            name: name.to_string(),
             namesrv_addr,
             nodes,
-            namesrv: Some(namesrv),
+            namesrv,
             brokers: (0..n).map(|_| None).collect(),
             extra_config: extra_config.to_string(),
         };
@@ -84,12 +101,13 @@ impl Cluster {
             "[log]\nsegment_bytes = 16777216\nmax_entry_bytes = 8388608\n"
         };
         let toml = format!(
-            "broker_name = \"broker-a\"\nnode_id = {id}\nbootstrap = {bootstrap}\ndata_dir = \"{}\"\nnamesrv = [\"{}\"]\n[peers]\n{peers}\n{}\n{log}",
-            self.dir.join(format!("n{id}")).display(),
+            "broker_name = \"{}\"\nnode_id = {id}\nbootstrap = {bootstrap}\ndata_dir = \"{}\"\nnamesrv = [\"{}\"]\n[peers]\n{peers}\n{}\n{log}",
+            self.name,
+            self.dir.join(self.file_stem(*id)).display(),
             self.namesrv_addr,
             self.extra_config,
         );
-        std::fs::write(self.dir.join(format!("n{id}.toml")), toml).expect("write config");
+        std::fs::write(self.dir.join(format!("{}.toml", self.file_stem(*id))), toml).expect("write config");
     }
 
     /// Starts one more node process that does not bootstrap: it waits to be
@@ -105,16 +123,31 @@ impl Cluster {
         (id, addr)
     }
 
+    /// Data directory, config and log names of a node: `n<id>` in the
+    /// default group, `<group>-n<id>` in others.
+    fn file_stem(&self, id: u64) -> String {
+        if self.name == "broker-a" { format!("n{id}") } else { format!("{}-n{id}", self.name) }
+    }
+
+    /// The log file of node `id`.
+    pub fn log_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{}.log", self.file_stem(id)))
+    }
+
+    /// Kills the name server this group owns (routes then come from caches).
+    pub fn kill_namesrv(&mut self) {
+        if let Some(mut c) = self.namesrv.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Starts (or restarts) node index `i`.
     pub fn start_node(&mut self, i: usize) {
         let (id, _) = &self.nodes[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("n{id}.log")))
-            .expect("log file");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(*id)).expect("log file");
         let child = Command::new(bin("raftmq-broker"))
-            .args(["--config", &self.dir.join(format!("n{id}.toml")).display().to_string()])
+            .args(["--config", &self.dir.join(format!("{}.toml", self.file_stem(*id))).display().to_string()])
             .env("RUST_LOG", "info,openraft=warn")
             .stdout(log.try_clone().expect("clone"))
             .stderr(log)
@@ -160,10 +193,9 @@ impl Cluster {
     /// Prints the last lines of every node's log (for failing tests).
     pub fn dump_logs(&self) {
         for (id, _) in &self.nodes {
-            let p = self.dir.join(format!("n{id}.log"));
-            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let text = std::fs::read_to_string(self.log_path(*id)).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(30).collect();
-            eprintln!("---- node {id} log (last 30 lines) ----");
+            eprintln!("---- {} node {id} log (last 30 lines) ----", self.name);
             for l in tail.into_iter().rev() {
                 eprintln!("{l}");
             }

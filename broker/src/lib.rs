@@ -9,6 +9,7 @@
 //! - [`messaging`]: the RocketMQ 5 client API (`apache.rocketmq.v2`);
 //! - [`admin`]: the admin API (CLI, forwarding, follower reads);
 //! - [`registry`]: registration with the name servers;
+//! - [`routes`]: routes to the other groups (from the name servers, cached);
 //! - [`server`]: one gRPC port serving all of the above.
 
 pub mod admin;
@@ -20,6 +21,7 @@ pub mod messaging;
 pub mod network;
 pub mod node;
 pub mod registry;
+pub mod routes;
 pub mod server;
 pub mod sm;
 pub mod snapshot;

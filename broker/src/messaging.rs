@@ -5,6 +5,12 @@
 //! leader through Raft; message bytes are read from the local CommitLog once
 //! the local state machine has applied the command (a follower reads as soon
 //! as it catches up), or, when the leader is loaded, from a follower.
+//!
+//! A topic may span several groups. Like RocketMQ 5's proxy, every node
+//! serves the whole cluster: routes list the queues of every group (broker
+//! name = group), sends are spread over them, and a request for a queue of
+//! another group (by broker name, or by the group inside a receipt handle)
+//! is forwarded once to a node of that group ([`FORWARDED_HEADER`]).
 
 use openraft::async_runtime::watch::WatchReceiver;
 use std::collections::HashMap;
@@ -74,21 +80,41 @@ fn dur(ms: u64) -> prost_types::Duration {
     prost_types::Duration { seconds: (ms / 1000) as i64, nanos: ((ms % 1000) * 1_000_000) as i32 }
 }
 
-/// Receipt handle: `queue.offset.pop_index` (opaque to clients).
-pub fn encode_handle(queue: u32, offset: u64, pop_index: u64) -> String {
-    format!("{queue}.{offset}.{pop_index}")
+/// Marks a request one node forwarded to a node of another group: served
+/// there, never forwarded again.
+pub const FORWARDED_HEADER: &str = "x-raftmq-forwarded";
+
+/// Receipt handle: `queue.offset.pop_index.group` (opaque to clients; the
+/// group routes acks to the group that popped the message).
+pub fn encode_handle(group: &str, queue: u32, offset: u64, pop_index: u64) -> String {
+    format!("{queue}.{offset}.{pop_index}.{group}")
 }
 
-pub fn decode_handle(h: &str) -> Result<(u32, u64, u64)> {
-    let bad = || BrokerError::InvalidReceiptHandle(format!("{h:?} is not a receipt handle of this broker"));
-    let mut it = h.split('.');
-    let q = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
-    let o = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
-    let p = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
-    if it.next().is_some() {
-        return Err(bad());
-    }
-    Ok((q, o, p))
+/// A decoded receipt handle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handle {
+    pub group: String,
+    pub queue: u32,
+    pub offset: u64,
+    pub pop_index: u64,
+}
+
+pub fn decode_handle(h: &str) -> Result<Handle> {
+    let bad = || BrokerError::InvalidReceiptHandle(format!("{h:?} is not a receipt handle of this cluster"));
+    let mut it = h.splitn(4, '.');
+    let queue = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let offset = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let pop_index = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let group = it.next().filter(|g| !g.is_empty()).ok_or_else(bad)?.to_string();
+    Ok(Handle { group, queue, offset, pop_index })
+}
+
+fn is_forwarded<T>(req: &Request<T>) -> bool {
+    req.metadata().contains_key(FORWARDED_HEADER)
+}
+
+fn broker_of(mq: Option<&pb::MessageQueue>) -> Option<&str> {
+    mq.and_then(|q| q.broker.as_ref()).map(|b| b.name.as_str()).filter(|n| !n.is_empty())
 }
 
 /// Reads the deadline the client gave (`grpc-timeout` header).
@@ -189,6 +215,103 @@ impl Messaging {
             }
             other => other,
         }
+    }
+
+    /// The group a request for `broker` belongs to when it is not this one.
+    fn remote(&self, broker: Option<&str>) -> Option<String> {
+        broker.filter(|b| *b != self.node.config.broker_name).map(str::to_string)
+    }
+
+    /// Forwards a client call to a node of `group` (its leader first, the
+    /// others while unreachable), marked as forwarded. `timeout` bounds it.
+    async fn forward<Req, Resp, F, Fut>(
+        &self,
+        group: &str,
+        topic: &str,
+        forwarded: bool,
+        req: Req,
+        timeout: Option<Duration>,
+        call: F,
+    ) -> Result<Resp>
+    where
+        Req: Clone,
+        F: Fn(pb::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<Response<Resp>, Status>>,
+    {
+        if forwarded {
+            return Err(BrokerError::BadRequest(format!(
+                "a forwarded request for broker group {group} reached group {}",
+                self.node.config.broker_name
+            )));
+        }
+        let addrs = self.node.routes.group_addrs(group, topic).await;
+        if addrs.is_empty() {
+            return Err(BrokerError::TopicNotFound(format!("{topic} in broker group {group} (no route to it)")));
+        }
+        let mut last = String::new();
+        for addr in &addrs {
+            let client = self.node.messaging_client(addr)?;
+            let mut r = Request::new(req.clone());
+            r.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+            r.set_timeout(timeout.unwrap_or(Duration::from_secs(10)));
+            match call(client, r).await {
+                Ok(resp) => return Ok(resp.into_inner()),
+                Err(s) if s.code() == tonic::Code::Unavailable => last = format!("{addr}: {}", s.message()),
+                Err(s) => return Err(BrokerError::Unreachable(addr.clone(), s.message().to_string())),
+            }
+        }
+        Err(BrokerError::Unreachable(format!("broker group {group}"), last))
+    }
+
+    /// The topic here (if this group has it) and in the other groups (unless
+    /// the request was forwarded: then only here). Not found anywhere is an
+    /// error.
+    async fn topic_everywhere(
+        &self,
+        topic: &str,
+        forwarded: bool,
+    ) -> Result<(Option<crate::sm::TopicConf>, Vec<raftmq_proto::namesrv::GroupRoute>)> {
+        check_name("topic", topic)?;
+        let local = self.topic_conf_now(topic).ok();
+        let remote = if forwarded { Vec::new() } else { self.node.routes.remote_groups(topic).await };
+        if local.is_none() && remote.is_empty() {
+            // Maybe just created and not applied here yet.
+            return Ok((Some(self.topic_conf(topic).await?), remote));
+        }
+        Ok((local, remote))
+    }
+
+    /// Which group stores a send: `None` for this one. Spread over every
+    /// queue of every group serving the topic (round robin, or by message
+    /// group so a FIFO group stays in one place).
+    async fn send_target(&self, messages: &[pb::Message], forwarded: bool) -> Result<Option<String>> {
+        let Some(first) = messages.first() else { return Ok(None) };
+        if forwarded {
+            return Ok(None);
+        }
+        let topic = first.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+        let (local, remote) = self.topic_everywhere(&topic, false).await?;
+        if remote.is_empty() {
+            return Ok(None);
+        }
+        let local_queues = u64::from(local.map(|c| c.queues).unwrap_or(0));
+        let total = local_queues + remote.iter().map(|g| u64::from(g.queues)).sum::<u64>();
+        let message_group = first.system_properties.as_ref().and_then(|p| p.message_group.clone());
+        let mut k = match message_group.filter(|g| !g.is_empty()) {
+            Some(g) => crate::cq::tag_hash(&g) % total,
+            None => self.node.next_group_round_robin() % total,
+        };
+        if k < local_queues {
+            return Ok(None);
+        }
+        k -= local_queues;
+        for g in remote {
+            if k < u64::from(g.queues) {
+                return Ok(Some(g.broker_name));
+            }
+            k -= u64::from(g.queues);
+        }
+        Ok(None)
     }
 
     fn advertised(&self) -> String {
@@ -522,7 +645,7 @@ impl MessagingService for Messaging {
     ) -> std::result::Result<Response<pb::QueryRouteResponse>, Status> {
         let req = req.into_inner();
         let topic = req.topic.clone().unwrap_or_default();
-        let conf = match self.topic_conf(&topic.name).await {
+        let (local, remote) = match self.topic_everywhere(&topic.name, false).await {
             Ok(c) => c,
             Err(e) => {
                 return Ok(Response::new(pb::QueryRouteResponse {
@@ -532,7 +655,7 @@ impl MessagingService for Messaging {
             }
         };
         // Like the Java proxy: the endpoints the client used; this node serves
-        // (or forwards) everything for the group.
+        // (or forwards) everything, for every group.
         let endpoints = req.endpoints.filter(|e| !e.addresses.is_empty()).unwrap_or_else(|| {
             let addr = self.advertised();
             let (host, port) = addr.rsplit_once(':').unwrap_or((&addr, "0"));
@@ -541,21 +664,23 @@ impl MessagingService for Messaging {
                 addresses: vec![pb::Address { host: host.to_string(), port: port.parse().unwrap_or(0) }],
             }
         });
-        let message_queues = (0..conf.queues)
-            .map(|q| pb::MessageQueue {
-                topic: Some(topic.clone()),
-                id: q as i32,
-                permission: pb::Permission::ReadWrite as i32,
-                broker: Some(pb::Broker {
-                    name: self.node.config.broker_name.clone(),
-                    id: 0,
-                    endpoints: Some(endpoints.clone()),
-                }),
-                accept_message_types: vec![if conf.message_type == 0 {
-                    pb::MessageType::Normal as i32
-                } else {
-                    conf.message_type
-                }],
+        let accept = |t: i32| vec![if t == 0 { pb::MessageType::Normal as i32 } else { t }];
+        let mut groups: Vec<(String, u32, i32)> = Vec::new();
+        if let Some(c) = &local {
+            groups.push((self.node.config.broker_name.clone(), c.queues, c.message_type));
+        }
+        groups.extend(remote.iter().map(|g| (g.broker_name.clone(), g.queues, g.message_type)));
+        let message_queues = groups
+            .into_iter()
+            .flat_map(|(name, queues, message_type)| {
+                let (topic, endpoints, accept) = (topic.clone(), endpoints.clone(), accept(message_type));
+                (0..queues).map(move |q| pb::MessageQueue {
+                    topic: Some(topic.clone()),
+                    id: q as i32,
+                    permission: pb::Permission::ReadWrite as i32,
+                    broker: Some(pb::Broker { name: name.clone(), id: 0, endpoints: Some(endpoints.clone()) }),
+                    accept_message_types: accept.clone(),
+                })
             })
             .collect();
         Ok(Response::new(pb::QueryRouteResponse { status: Some(ok()), message_queues }))
@@ -572,13 +697,30 @@ impl MessagingService for Messaging {
         &self,
         req: Request<pb::SendMessageRequest>,
     ) -> std::result::Result<Response<pb::SendMessageResponse>, Status> {
+        let forwarded = is_forwarded(&req);
+        let timeout = grpc_timeout(&req);
         let req = req.into_inner();
+        let target = match self.send_target(&req.messages, forwarded).await {
+            Ok(Some(group)) => {
+                let topic = req.messages[0].topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+                let call = |mut c: pb::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>,
+                            r| async move { c.send_message(r).await };
+                self.forward(&group, &topic, forwarded, req.clone(), timeout, call).await.map(Some)
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
         let ids: Vec<String> = req
             .messages
             .iter()
             .map(|m| m.system_properties.as_ref().map(|s| s.message_id.clone()).unwrap_or_default())
             .collect();
-        let resp = match self.send(&req.messages).await {
+        let result = match target {
+            Ok(Some(forwarded_reply)) => return Ok(Response::new(forwarded_reply)),
+            Ok(None) => self.send(&req.messages).await,
+            Err(e) => Err(e),
+        };
+        let resp = match result {
             Ok(results) => pb::SendMessageResponse {
                 status: Some(ok()),
                 entries: results
@@ -624,8 +766,39 @@ impl MessagingService for Messaging {
         req: Request<pb::ReceiveMessageRequest>,
     ) -> std::result::Result<Response<Self::ReceiveMessageStream>, Status> {
         let deadline = grpc_timeout(&req);
+        let forwarded = is_forwarded(&req);
         let namespace = req.get_ref().group.as_ref().map(|g| g.resource_namespace.clone()).unwrap_or_default();
         let req = req.into_inner();
+        if let Some(group) = self.remote(broker_of(req.message_queue.as_ref())) {
+            let topic = req.message_queue.as_ref().and_then(|q| q.topic.as_ref()).map(|t| t.name.clone());
+            let call = |mut c: pb::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>, r| async move {
+                c.receive_message(r).await
+            };
+            let items = match self.forward(&group, &topic.unwrap_or_default(), forwarded, req, deadline, call).await {
+                Ok(mut stream) => {
+                    let mut items = Vec::new();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(item)) => items.push(item),
+                            Ok(None) => break,
+                            Err(s) => {
+                                items.push(pb::ReceiveMessageResponse {
+                                    content: Some(pb::receive_message_response::Content::Status(err_status(
+                                        &BrokerError::Unreachable(group.clone(), s.message().to_string()),
+                                    ))),
+                                });
+                                break;
+                            }
+                        }
+                    }
+                    items
+                }
+                Err(e) => vec![pb::ReceiveMessageResponse {
+                    content: Some(pb::receive_message_response::Content::Status(err_status(&e))),
+                }],
+            };
+            return Ok(Response::new(Box::pin(tokio_stream::iter(items.into_iter().map(Ok)))));
+        }
         let limits = &self.node.config.limits;
         let result: Result<Vec<pb::ReceiveMessageResponse>> = async {
             let group = group_name(&req.group)?;
@@ -654,7 +827,7 @@ impl MessagingService for Messaging {
                 })),
             });
             for (p, index, r) in got {
-                let handle = encode_handle(p.queue, p.offset, index);
+                let handle = encode_handle(&self.node.config.broker_name, p.queue, p.offset, index);
                 let mut m = to_v2_message(
                     &r.message,
                     &namespace,
@@ -690,6 +863,7 @@ impl MessagingService for Messaging {
         &self,
         req: Request<pb::AckMessageRequest>,
     ) -> std::result::Result<Response<pb::AckMessageResponse>, Status> {
+        let forwarded = is_forwarded(&req);
         let req = req.into_inner();
         let group = match group_name(&req.group) {
             Ok(g) => g,
@@ -702,7 +876,21 @@ impl MessagingService for Messaging {
         let mut first_err: Option<pb::Status> = None;
         for e in &req.entries {
             let r: Result<()> = async {
-                let (queue, offset, pop_index) = decode_handle(&e.receipt_handle)?;
+                let h = decode_handle(&e.receipt_handle)?;
+                if let Some(remote) = self.remote(Some(&h.group)) {
+                    let one = pb::AckMessageRequest { entries: vec![e.clone()], ..req.clone() };
+                    let call = |mut c: pb::messaging_service_client::MessagingServiceClient<
+                        tonic::transport::Channel,
+                    >,
+                                r| async move { c.ack_message(r).await };
+                    let reply = self.forward(&remote, &topic, forwarded, one, None, call).await?;
+                    let status = reply.entries.first().and_then(|x| x.status.clone()).or(reply.status);
+                    return match status {
+                        Some(s) if s.code != Code::Ok as i32 => Err(BrokerError::Refused(s.message)),
+                        _ => Ok(()),
+                    };
+                }
+                let (queue, offset, pop_index) = (h.queue, h.offset, h.pop_index);
                 let cmd = Control::Ack { group: group.clone(), topic: topic.clone(), queue, offset, pop_index };
                 match self.node.propose(command::encode_control(&cmd)).await?.0 {
                     command::Response::Done => Ok(()),
@@ -744,7 +932,28 @@ impl MessagingService for Messaging {
         &self,
         req: Request<pb::PullMessageRequest>,
     ) -> std::result::Result<Response<Self::PullMessageStream>, Status> {
+        let forwarded = is_forwarded(&req);
+        let timeout = grpc_timeout(&req);
         let req = req.into_inner();
+        if let Some(group) = self.remote(broker_of(req.message_queue.as_ref())) {
+            let topic = req.message_queue.as_ref().and_then(|q| q.topic.as_ref()).map(|t| t.name.clone());
+            let call = |mut c: pb::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>, r| async move {
+                c.pull_message(r).await
+            };
+            let items = match self.forward(&group, &topic.unwrap_or_default(), forwarded, req, timeout, call).await {
+                Ok(mut stream) => {
+                    let mut items = Vec::new();
+                    while let Ok(Some(item)) = stream.message().await {
+                        items.push(item);
+                    }
+                    items
+                }
+                Err(e) => vec![pb::PullMessageResponse {
+                    content: Some(pb::pull_message_response::Content::Status(err_status(&e))),
+                }],
+            };
+            return Ok(Response::new(Box::pin(tokio_stream::iter(items.into_iter().map(Ok)))));
+        }
         let advertised = self.advertised();
         let result: Result<Vec<pb::PullMessageResponse>> = async {
             let mq = req.message_queue.as_ref();
@@ -815,7 +1024,20 @@ impl MessagingService for Messaging {
         &self,
         req: Request<pb::UpdateOffsetRequest>,
     ) -> std::result::Result<Response<pb::UpdateOffsetResponse>, Status> {
+        let forwarded = is_forwarded(&req);
         let req = req.into_inner();
+        if let Some(group) = self.remote(broker_of(req.message_queue.as_ref())) {
+            let topic = req.message_queue.as_ref().and_then(|q| q.topic.as_ref()).map(|t| t.name.clone());
+            let call = |mut c: pb::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>, r| async move {
+                c.update_offset(r).await
+            };
+            return Ok(Response::new(
+                match self.forward(&group, &topic.unwrap_or_default(), forwarded, req, None, call).await {
+                    Ok(r) => r,
+                    Err(e) => pb::UpdateOffsetResponse { status: Some(err_status(&e)) },
+                },
+            ));
+        }
         let r: Result<()> = async {
             let group = group_name(&req.group)?;
             let mq = req.message_queue.as_ref().ok_or_else(|| BrokerError::BadRequest("no message queue".into()))?;
@@ -843,7 +1065,20 @@ impl MessagingService for Messaging {
         &self,
         req: Request<pb::GetOffsetRequest>,
     ) -> std::result::Result<Response<pb::GetOffsetResponse>, Status> {
+        let forwarded = is_forwarded(&req);
         let req = req.into_inner();
+        if let Some(group) = self.remote(broker_of(req.message_queue.as_ref())) {
+            let topic = req.message_queue.as_ref().and_then(|q| q.topic.as_ref()).map(|t| t.name.clone());
+            let call = |mut c: pb::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>, r| async move {
+                c.get_offset(r).await
+            };
+            return Ok(Response::new(
+                match self.forward(&group, &topic.unwrap_or_default(), forwarded, req, None, call).await {
+                    Ok(r) => r,
+                    Err(e) => pb::GetOffsetResponse { status: Some(err_status(&e)), offset: 0 },
+                },
+            ));
+        }
         let r: Result<u64> = (|| {
             let group = group_name(&req.group)?;
             let mq = req.message_queue.as_ref().ok_or_else(|| BrokerError::BadRequest("no message queue".into()))?;
@@ -862,7 +1097,20 @@ impl MessagingService for Messaging {
         &self,
         req: Request<pb::QueryOffsetRequest>,
     ) -> std::result::Result<Response<pb::QueryOffsetResponse>, Status> {
+        let forwarded = is_forwarded(&req);
         let req = req.into_inner();
+        if let Some(group) = self.remote(broker_of(req.message_queue.as_ref())) {
+            let topic = req.message_queue.as_ref().and_then(|q| q.topic.as_ref()).map(|t| t.name.clone());
+            let call = |mut c: pb::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>, r| async move {
+                c.query_offset(r).await
+            };
+            return Ok(Response::new(
+                match self.forward(&group, &topic.unwrap_or_default(), forwarded, req, None, call).await {
+                    Ok(r) => r,
+                    Err(e) => pb::QueryOffsetResponse { status: Some(err_status(&e)), offset: 0 },
+                },
+            ));
+        }
         let r: Result<u64> = (|| {
             let mq = req.message_queue.as_ref().ok_or_else(|| BrokerError::BadRequest("no message queue".into()))?;
             let topic = mq.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
@@ -941,11 +1189,26 @@ impl MessagingService for Messaging {
         &self,
         req: Request<pb::ChangeInvisibleDurationRequest>,
     ) -> std::result::Result<Response<pb::ChangeInvisibleDurationResponse>, Status> {
+        let forwarded = is_forwarded(&req);
         let req = req.into_inner();
+        if let Ok(h) = decode_handle(&req.receipt_handle)
+            && let Some(group) = self.remote(Some(&h.group))
+        {
+            let topic = req.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+            let call = |mut c: pb::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>, r| async move {
+                c.change_invisible_duration(r).await
+            };
+            return Ok(Response::new(match self.forward(&group, &topic, forwarded, req, None, call).await {
+                Ok(r) => r,
+                Err(e) => {
+                    pb::ChangeInvisibleDurationResponse { status: Some(err_status(&e)), receipt_handle: String::new() }
+                }
+            }));
+        }
         let r: Result<String> = async {
             let group = group_name(&req.group)?;
             let topic = req.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
-            let (queue, offset, pop_index) = decode_handle(&req.receipt_handle)?;
+            let Handle { queue, offset, pop_index, .. } = decode_handle(&req.receipt_handle)?;
             let invisible_ms = req.invisible_duration.as_ref().map(dur_ms).unwrap_or(0);
             if invisible_ms > 12 * 3600 * 1000 {
                 return Err(BrokerError::BadRequest(format!("invisible duration {invisible_ms} ms above 12 h")));
@@ -954,7 +1217,9 @@ impl MessagingService for Messaging {
                 Control::ChangeInvisible { group, topic, queue, offset, pop_index, invisible_ms, now_ms: now_ms() };
             let (resp, index) = self.node.propose(command::encode_control(&cmd)).await?;
             match resp {
-                command::Response::Popped { .. } => Ok(encode_handle(queue, offset, index)),
+                command::Response::Popped { .. } => {
+                    Ok(encode_handle(&self.node.config.broker_name, queue, offset, index))
+                }
                 command::Response::Refused { code: RefusedCode::InvalidReceiptHandle, message } => {
                     Err(BrokerError::InvalidReceiptHandle(message))
                 }
@@ -997,8 +1262,11 @@ mod tests {
 
     #[test]
     fn handles_roundtrip_and_reject_garbage() {
-        assert_eq!(decode_handle(&encode_handle(3, 99, 1234)).unwrap(), (3, 99, 1234));
-        for bad in ["", "1.2", "a.b.c", "1.2.3.4", "-1.2.3"] {
+        assert_eq!(
+            decode_handle(&encode_handle("broker-a", 3, 99, 1234)).unwrap(),
+            Handle { group: "broker-a".into(), queue: 3, offset: 99, pop_index: 1234 }
+        );
+        for bad in ["", "1.2", "a.b.c", "1.2.3", "1.2.3.", "-1.2.3.g"] {
             assert!(decode_handle(bad).is_err(), "{bad}");
         }
     }

@@ -21,6 +21,7 @@ use raft_log::RaftLogStore;
 use raft_log::StdFs;
 use raftmq_proto::admin::ProposeRequest;
 use raftmq_proto::admin::admin_service_client::AdminServiceClient;
+use raftmq_proto::rocketmq::messaging_service_client::MessagingServiceClient;
 use tonic::transport::Channel;
 
 use crate::command::Response;
@@ -29,6 +30,7 @@ use crate::error::BrokerError;
 use crate::error::Result;
 use crate::network::Network;
 use crate::network::channel;
+use crate::routes::Routes;
 use crate::sm::SmShared;
 use crate::sm::StateMachineStore;
 use crate::types::Raft;
@@ -52,8 +54,12 @@ pub struct BrokerNode {
     pub sm: Arc<SmShared>,
     pub log: Arc<CommitLog>,
     pub stats: Stats,
+    /// Routes to the other groups of the cluster.
+    pub routes: Routes,
     peers: Mutex<HashMap<String, AdminServiceClient<Channel>>>,
+    messaging_peers: Mutex<HashMap<String, MessagingServiceClient<Channel>>>,
     round_robin: AtomicU64,
+    group_round_robin: AtomicU64,
     started: Instant,
 }
 
@@ -104,13 +110,16 @@ impl BrokerNode {
         }
 
         let node = Arc::new(BrokerNode {
-            config,
             raft,
             sm: shared,
             log,
             stats: Stats::default(),
+            routes: Routes::new(&config.broker_name, &config.namesrv),
             peers: Mutex::new(HashMap::new()),
+            messaging_peers: Mutex::new(HashMap::new()),
+            config,
             round_robin: AtomicU64::new(0),
+            group_round_robin: AtomicU64::new(0),
             started: Instant::now(),
         });
         let weak = Arc::downgrade(&node);
@@ -160,8 +169,15 @@ impl BrokerNode {
         self.raft.metrics().borrow_watched().state == ServerState::Leader
     }
 
+    /// Round robin over this group's queues.
     pub fn next_round_robin(&self) -> u64 {
         self.round_robin.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Round robin over every group's queues of a topic (a separate counter,
+    /// so the choice of queue inside the group does not skew it).
+    pub fn next_group_round_robin(&self) -> u64 {
+        self.group_round_robin.fetch_add(1, Ordering::Relaxed)
     }
 
     /// An admin client for a peer address (cached).
@@ -173,6 +189,19 @@ impl BrokerNode {
         let ch = channel(addr, Duration::from_millis(500))
             .map_err(|e| BrokerError::Unreachable(addr.to_string(), e.to_string()))?;
         let c = AdminServiceClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+        peers.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// A client-API client for a node of another group (cached).
+    pub fn messaging_client(&self, addr: &str) -> Result<MessagingServiceClient<Channel>> {
+        let mut peers = self.messaging_peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = peers.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = channel(addr, Duration::from_millis(500))
+            .map_err(|e| BrokerError::Unreachable(addr.to_string(), e.to_string()))?;
+        let c = MessagingServiceClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
         peers.insert(addr.to_string(), c.clone());
         Ok(c)
     }

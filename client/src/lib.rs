@@ -100,7 +100,20 @@ struct Endpoints {
     /// Per endpoint: (consecutive failures, avoid until).
     health: Mutex<HashMap<usize, (u32, Instant)>>,
     next: AtomicU64,
+    /// Topic -> (fetched, its queues as (broker group, queue id)).
+    routes: Mutex<HashMap<String, (Instant, Vec<QueueRef>)>>,
 }
+
+/// One queue of a topic in one broker group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueRef {
+    /// The broker group (RocketMQ's broker name).
+    pub broker: String,
+    pub queue: u32,
+}
+
+/// How long a topic route is reused before asking again.
+const ROUTE_FRESH_FOR: Duration = Duration::from_secs(10);
 
 impl Endpoints {
     fn new(addrs: &[String]) -> Result<Self> {
@@ -115,7 +128,64 @@ impl Endpoints {
                     .max_encoding_message_size(64 << 20))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { addrs: addrs.to_vec(), clients, health: Mutex::new(HashMap::new()), next: AtomicU64::new(0) })
+        Ok(Self {
+            addrs: addrs.to_vec(),
+            clients,
+            health: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+            routes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The queues of `topic` in every group (QueryRoute), cached for
+    /// [`ROUTE_FRESH_FOR`]; the stale route when no endpoint answers.
+    async fn route(&self, topic: &str) -> Result<Vec<QueueRef>> {
+        if let Some((at, r)) = self.routes.lock().unwrap_or_else(|e| e.into_inner()).get(topic)
+            && at.elapsed() < ROUTE_FRESH_FOR
+        {
+            return Ok(r.clone());
+        }
+        let mut last = ClientError::NoEndpoint;
+        for _ in 0..self.addrs.len() {
+            let i = self.pick();
+            let mut c = self.clients[i].clone();
+            let req = pb::QueryRouteRequest { topic: resource(topic), endpoints: None };
+            match c.query_route(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    check(r.status)?;
+                    let mut queues: Vec<QueueRef> = r
+                        .message_queues
+                        .into_iter()
+                        .map(|q| QueueRef {
+                            broker: q.broker.map(|b| b.name).unwrap_or_default(),
+                            queue: q.id.max(0) as u32,
+                        })
+                        .collect();
+                    queues.sort();
+                    self.routes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(topic.to_string(), (Instant::now(), queues.clone()));
+                    return Ok(queues);
+                }
+                Err(s) => {
+                    self.failed(i);
+                    last = transport(&self.addrs[i], s);
+                }
+            }
+        }
+        match self.routes.lock().unwrap_or_else(|e| e.into_inner()).get(topic) {
+            Some((_, r)) => Ok(r.clone()),
+            None => Err(last),
+        }
+    }
+
+    /// The broker groups serving `topic`, in order.
+    async fn brokers(&self, topic: &str) -> Vec<String> {
+        let mut b: Vec<String> = self.route(topic).await.unwrap_or_default().into_iter().map(|q| q.broker).collect();
+        b.dedup();
+        b
     }
 
     /// The next endpoint to use: round robin over healthy ones; if none is
@@ -374,6 +444,28 @@ impl SimpleConsumer {
         invisible: Duration,
         wait: Duration,
     ) -> Result<Vec<Received>> {
+        // Any queue: the groups serving the topic take turns (like the
+        // official clients' round robin over the route).
+        let broker = if queue.is_none() {
+            let brokers = self.endpoints.brokers(topic).await;
+            let k = self.endpoints.next.load(Ordering::Relaxed) as usize;
+            brokers.get(k % brokers.len().max(1)).cloned()
+        } else {
+            None
+        };
+        self.receive_from(topic, broker.as_deref(), queue, max, invisible, wait).await
+    }
+
+    /// Receives from one broker group (`None`: the group of the endpoint).
+    pub async fn receive_from(
+        &self,
+        topic: &str,
+        broker: Option<&str>,
+        queue: Option<u32>,
+        max: u32,
+        invisible: Duration,
+        wait: Duration,
+    ) -> Result<Vec<Received>> {
         let i = self.endpoints.pick();
         let mut c = self.endpoints.clients[i].clone();
         let req = pb::ReceiveMessageRequest {
@@ -381,6 +473,7 @@ impl SimpleConsumer {
             message_queue: Some(pb::MessageQueue {
                 topic: resource(topic),
                 id: queue.map(|q| q as i32).unwrap_or(-1),
+                broker: broker.map(|b| pb::Broker { name: b.to_string(), id: 0, endpoints: None }),
                 ..Default::default()
             }),
             filter_expression: Some(pb::FilterExpression {
@@ -485,6 +578,34 @@ impl PullConsumer {
         Some(pb::MessageQueue { topic: resource(topic), id: queue as i32, ..Default::default() })
     }
 
+    /// Every queue of `topic`, in every broker group.
+    pub async fn queues(&self, topic: &str) -> Result<Vec<QueueRef>> {
+        self.endpoints.route(topic).await
+    }
+
+    /// Like [`pull`](Self::pull), from a queue of a given broker group.
+    pub async fn pull_queue(
+        &self,
+        topic: &str,
+        q: &QueueRef,
+        offset: u64,
+        max: u32,
+        wait: Duration,
+    ) -> Result<(Vec<Received>, u64)> {
+        self.pull_mq(
+            Some(pb::MessageQueue {
+                topic: resource(topic),
+                id: q.queue as i32,
+                broker: Some(pb::Broker { name: q.broker.clone(), id: 0, endpoints: None }),
+                ..Default::default()
+            }),
+            offset,
+            max,
+            wait,
+        )
+        .await
+    }
+
     /// Messages from `offset` on (at most `max`), and the next offset.
     pub async fn pull(
         &self,
@@ -494,11 +615,21 @@ impl PullConsumer {
         max: u32,
         wait: Duration,
     ) -> Result<(Vec<Received>, u64)> {
+        self.pull_mq(Self::mq(topic, queue), offset, max, wait).await
+    }
+
+    async fn pull_mq(
+        &self,
+        mq: Option<pb::MessageQueue>,
+        offset: u64,
+        max: u32,
+        wait: Duration,
+    ) -> Result<(Vec<Received>, u64)> {
         let i = self.endpoints.pick();
         let mut c = self.endpoints.clients[i].clone();
         let req = pb::PullMessageRequest {
             group: resource(&self.group),
-            message_queue: Self::mq(topic, queue),
+            message_queue: mq,
             offset: offset as i64,
             batch_size: max as i32,
             filter_expression: None,

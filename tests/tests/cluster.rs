@@ -51,7 +51,7 @@ pub(crate) async fn create_topic(a: &Admin, name: &str, queues: u32) {
 }
 
 /// Consumes until every id in `expect` arrived or `within` passes; acks all.
-async fn drain(
+pub(crate) async fn drain(
     consumer: &SimpleConsumer,
     topic: &str,
     expect: &HashSet<String>,

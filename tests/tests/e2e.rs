@@ -8,4 +8,5 @@
 mod cluster;
 mod commitlog_kill;
 mod compat_python;
+mod groups;
 mod snapshot;

@@ -84,7 +84,7 @@ async fn wait_same(a: &str, b: &str, within: Duration) -> Held {
 
 /// The node's log says it installed a snapshot with shipped segments.
 fn assert_installed_snapshot(c: &Cluster, id: u64) {
-    let log = std::fs::read_to_string(c.dir.join(format!("n{id}.log"))).unwrap();
+    let log = std::fs::read_to_string(c.log_path(id)).unwrap();
     assert!(log.contains("snapshot received"), "node {id} received no snapshot");
     assert!(log.contains("snapshot installed"), "node {id} installed no snapshot");
 }
