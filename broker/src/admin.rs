@@ -19,6 +19,7 @@ use tonic::Status;
 
 use crate::command;
 use crate::command::Control;
+use crate::command::GroupConf;
 use crate::command::RefusedCode;
 use crate::error::BrokerError;
 use crate::node::BrokerNode;
@@ -42,6 +43,7 @@ fn refused_status(code: RefusedCode, message: String) -> Status {
     match code {
         RefusedCode::TopicNotFound => Status::not_found(message),
         RefusedCode::TopicExists => Status::already_exists(message),
+        RefusedCode::GroupNotFound => Status::not_found(message),
         _ => Status::failed_precondition(message),
     }
 }
@@ -128,7 +130,50 @@ impl AdminService for Admin {
         Ok(Response::new(self.control(Control::DeleteTopic { name }).await?))
     }
 
+    async fn update_group(&self, req: Request<pb::GroupConfig>) -> Result<Response<pb::AdminReply>, Status> {
+        let g = req.into_inner();
+        check_name("group", &g.name).map_err(|e| e.to_status())?;
+        if g.max_delivery_attempts > 1000 {
+            return Err(Status::invalid_argument(format!(
+                "max_delivery_attempts must be at most 1000, got {}",
+                g.max_delivery_attempts
+            )));
+        }
+        let config = GroupConf {
+            name: g.name,
+            consume_enabled: g.consume_enabled,
+            max_delivery_attempts: g.max_delivery_attempts,
+            fifo: g.fifo,
+            broadcast_enabled: g.broadcast_enabled,
+        };
+        Ok(Response::new(self.control(Control::UpdateGroup { config }).await?))
+    }
+
+    async fn delete_group(&self, req: Request<pb::DeleteGroupRequest>) -> Result<Response<pb::AdminReply>, Status> {
+        let name = req.into_inner().name;
+        check_name("group", &name).map_err(|e| e.to_status())?;
+        Ok(Response::new(self.control(Control::DeleteGroup { name }).await?))
+    }
+
+    async fn list_groups(&self, _req: Request<pb::Empty>) -> Result<Response<pb::ListGroupsReply>, Status> {
+        let st = self.node.sm.read();
+        let groups = st
+            .group_confs
+            .values()
+            .map(|g| pb::GroupConfig {
+                name: g.name.clone(),
+                consume_enabled: g.consume_enabled,
+                max_delivery_attempts: g.max_delivery_attempts,
+                fifo: g.fifo,
+                broadcast_enabled: g.broadcast_enabled,
+            })
+            .collect();
+        Ok(Response::new(pb::ListGroupsReply { groups }))
+    }
+
     async fn list_topics(&self, _req: Request<pb::Empty>) -> Result<Response<pb::ListTopicsReply>, Status> {
+        let floor = self.node.log.first_pos();
+        let floor_of = |c: Option<&crate::cq::ConsumeQueue>| c.map(|c| c.first_offset_at_or_after(floor)).unwrap_or(0);
         let st = self.node.sm.read();
         let topics = st
             .topics
@@ -138,7 +183,7 @@ impl AdminService for Admin {
                 queues: (0..t.queues)
                     .map(|q| pb::QueueStatus {
                         queue_id: q,
-                        min_offset: 0,
+                        min_offset: floor_of(st.queues.get(&(t.name.clone(), q))),
                         max_offset: st.queues.get(&(t.name.clone(), q)).map(|c| c.max_offset()).unwrap_or(0),
                     })
                     .collect(),

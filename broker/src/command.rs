@@ -66,6 +66,27 @@ pub enum Control {
         queue: u32,
         offset: u64,
     },
+    /// Create or replace a consumer group's configuration.
+    UpdateGroup {
+        config: GroupConf,
+    },
+    /// Remove a consumer group's configuration (its offsets stay).
+    DeleteGroup {
+        name: String,
+    },
+}
+
+/// A consumer group's configuration (RocketMQ's subscription group config).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupConf {
+    pub name: String,
+    /// Consumers may receive. Default: true.
+    pub consume_enabled: bool,
+    /// Delivery attempts before the dead-letter queue; 0: the broker default.
+    pub max_delivery_attempts: u32,
+    /// Consume FIFO topics in order.
+    pub fifo: bool,
+    pub broadcast_enabled: bool,
 }
 
 /// A message handed out by a Pop.
@@ -97,6 +118,8 @@ pub enum RefusedCode {
     BadQueue,
     InvalidReceiptHandle,
     BadRequest,
+    GroupNotFound,
+    ConsumeDisabled,
 }
 
 /// A message batch, decoded without copying message bytes.

@@ -596,14 +596,23 @@ impl Messaging {
                 if sub.long_polling_timeout.is_none() {
                     sub.long_polling_timeout = Some(dur(limits.max_long_polling_ms));
                 }
-                sub.fifo.get_or_insert(false);
+                // The group's configuration, when an operator set one.
+                let conf = sub.group.as_ref().and_then(|g| self.node.sm.read().group_confs.get(&g.name).cloned());
+                match &conf {
+                    Some(c) => sub.fifo = Some(c.fifo),
+                    None => {
+                        sub.fifo.get_or_insert(false);
+                    }
+                }
+                let max_attempts =
+                    conf.map(|c| c.max_delivery_attempts).filter(|m| *m > 0).unwrap_or(limits.max_delivery_attempts);
                 // RocketMQ's consumer backoff: 1s 5s 10s 30s 1m 2m ... 2h, 17 attempts.
                 let next = [1, 5, 10, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600, 1200, 1800, 3600, 7200]
                     .into_iter()
                     .map(|s| dur(s * 1000))
                     .collect();
                 out.backoff_policy = Some(pb::RetryPolicy {
-                    max_attempts: limits.max_delivery_attempts as i32,
+                    max_attempts: max_attempts as i32,
                     strategy: Some(pb::retry_policy::Strategy::CustomizedBackoff(pb::CustomizedBackoff { next })),
                 });
             }

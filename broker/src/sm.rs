@@ -40,6 +40,7 @@ use serde::Serialize;
 use crate::command;
 use crate::command::Command;
 use crate::command::Control;
+use crate::command::GroupConf;
 use crate::command::Popped;
 use crate::command::RefusedCode;
 use crate::command::Response;
@@ -98,12 +99,16 @@ pub struct SmState {
     pub last_applied: Option<LogId>,
     pub membership: StoredMembership,
     pub topics: BTreeMap<String, TopicConf>,
+    /// Consumer group configurations.
+    pub group_confs: BTreeMap<String, GroupConf>,
     pub queues: HashMap<QueueKey, ConsumeQueue>,
     pub groups: HashMap<GroupKey, GroupQueue>,
     dirty_topics: HashSet<String>,
     deleted_topics: HashSet<String>,
     dirty_queues: HashSet<QueueKey>,
     dirty_groups: HashSet<GroupKey>,
+    /// Group configurations changed (or removed) since the last checkpoint.
+    dirty_group_confs: HashSet<String>,
     /// ConsumeQueue directories of deleted topics, removed by the next
     /// checkpoint once the deletion is durable in RocksDB.
     pending_removals: Vec<(String, PathBuf)>,
@@ -150,6 +155,10 @@ fn k_topic(name: &str) -> Vec<u8> {
 
 fn k_queue(topic: &str, q: u32) -> Vec<u8> {
     format!("q/{topic}/{q}").into_bytes()
+}
+
+fn k_group_conf(name: &str) -> Vec<u8> {
+    format!("c/{name}").into_bytes()
 }
 
 fn k_group(g: &GroupKey) -> Vec<u8> {
@@ -207,6 +216,14 @@ impl StateMachineStore {
             }
             let t: TopicConf = dec(&k, &v)?;
             st.topics.insert(t.name.clone(), t);
+        }
+        for item in db.prefix_iterator(b"c/") {
+            let (k, v) = item?;
+            if !k.starts_with(b"c/") {
+                break;
+            }
+            let g: GroupConf = dec(&k, &v)?;
+            st.group_confs.insert(g.name.clone(), g);
         }
         let mut lengths: HashMap<QueueKey, u64> = HashMap::new();
         for item in db.prefix_iterator(b"q/") {
@@ -308,6 +325,12 @@ impl SmShared {
             for name in std::mem::take(&mut st.deleted_topics) {
                 batch.delete(k_topic(&name));
                 batch.delete_range(format!("q/{name}/").into_bytes(), format!("q/{name}0").into_bytes());
+            }
+            for name in std::mem::take(&mut st.dirty_group_confs) {
+                match st.group_confs.get(&name) {
+                    Some(g) => batch.put(k_group_conf(&name), enc(g)),
+                    None => batch.delete(k_group_conf(&name)),
+                }
             }
             for key in std::mem::take(&mut st.dirty_groups) {
                 match st.groups.get(&key) {
@@ -434,6 +457,7 @@ impl SmShared {
                 last_applied: st.last_applied,
                 membership: st.membership.clone(),
                 topics: st.topics.values().cloned().collect(),
+                group_confs: st.group_confs.values().cloned().collect(),
                 groups: st.groups.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 queues: st.queues.iter().map(|((t, q), c)| (t.clone(), *q, c.max_offset())).collect(),
                 messages_applied: st.messages_applied,
@@ -572,6 +596,9 @@ impl SmShared {
         for t in &state.topics {
             batch.put(k_topic(&t.name), enc(t));
         }
+        for g in &state.group_confs {
+            batch.put(k_group_conf(&g.name), enc(g));
+        }
         for (t, q, n) in &state.queues {
             batch.put(k_queue(t, *q), enc(n));
         }
@@ -584,6 +611,8 @@ impl SmShared {
 
         st.queues = queues;
         st.topics = state.topics.into_iter().map(|t| (t.name.clone(), t)).collect();
+        st.group_confs = state.group_confs.into_iter().map(|g| (g.name.clone(), g)).collect();
+        st.dirty_group_confs.clear();
         st.groups = state.groups.into_iter().collect();
         st.membership = state.membership;
         st.last_applied = state.last_applied;
@@ -598,6 +627,50 @@ impl SmShared {
         self.activity.notify_waiters();
         tracing::info!(%last, key_rows = rows, "snapshot installed");
         Ok(())
+    }
+
+    /// Applies one committed entry: its response, and whether consumers
+    /// waiting for messages should look again. A command that does not
+    /// decode is refused (the same way on every node), never fatal.
+    pub(crate) fn apply_entry(
+        &self,
+        entry: openraft::type_config::alias::EntryOf<TypeConfig>,
+    ) -> Result<(Response, bool)> {
+        let index = entry.log_id.index;
+        let mut st = self.write();
+        if let Some(l) = st.last_applied {
+            assert!(index > l.index, "entry {index} applied after {}", l.index);
+        }
+        let mut wake = false;
+        let r = match entry.payload {
+            EntryPayload::Blank => Response::Done,
+            EntryPayload::Membership(m) => {
+                st.membership = StoredMembership::new(Some(entry.log_id), m);
+                Response::Done
+            }
+            EntryPayload::Normal(data) => match command::decode(&data.0) {
+                Err(e) => Response::Refused { code: RefusedCode::BadRequest, message: format!("entry {index}: {e}") },
+                Ok(Command::Send(b)) => {
+                    wake = true;
+                    let mut keys = rocksdb::WriteBatch::default();
+                    let r = self.apply_send(&mut st, index, b, &mut keys)?;
+                    // Key rows are written before the applied id moves, so a
+                    // checkpoint never covers keys not yet written.
+                    if !keys.is_empty() {
+                        self.db.write(keys)?;
+                    }
+                    r
+                }
+                Ok(Command::Control(c)) => {
+                    wake = matches!(c, Control::ChangeInvisible { .. } | Control::UpdateOffset { .. });
+                    self.apply_control(&mut st, index, c)?
+                }
+            },
+        };
+        st.last_applied = Some(entry.log_id);
+        drop(st);
+        self.applied_tx.send_replace(index);
+        Ok((r, wake))
     }
 
     fn apply_send(
@@ -710,6 +783,9 @@ impl SmShared {
                 Ok(Response::Done)
             }
             Control::Pop { group, topic, queues, max, invisible_ms, now_ms } => {
+                if st.group_confs.get(&group).is_some_and(|g| !g.consume_enabled) {
+                    return refused(RefusedCode::ConsumeDisabled, format!("consumption by group {group} is disabled"));
+                }
                 // Bounded whatever the proposer asked for.
                 let max = max.min(1024);
                 let Some(t) = st.topics.get(&topic) else {
@@ -728,6 +804,7 @@ impl SmShared {
                     }
                     let max_offset = st.queues.get(&(topic.clone(), q)).map(|c| c.max_offset()).unwrap_or(0);
                     let gkey = (group.clone(), topic.clone(), q);
+                    let existed = st.groups.contains_key(&gkey);
                     let g = st.groups.entry(gkey.clone()).or_default();
                     let mut changed = false;
                     for (&offset, inf) in g.inflight.iter_mut() {
@@ -754,6 +831,10 @@ impl SmShared {
                     }
                     if changed {
                         st.dirty_groups.insert(gkey);
+                    } else if !existed {
+                        // Nothing popped: leave no empty entry behind (it would
+                        // not be stored, and a restarted replica would differ).
+                        st.groups.remove(&gkey);
                     }
                 }
                 Ok(Response::Popped { messages: out })
@@ -795,15 +876,36 @@ impl SmShared {
                     ),
                 }
             }
+            Control::UpdateGroup { config } => {
+                if let Err(e) = check_name("group", &config.name) {
+                    return refused(RefusedCode::BadRequest, e.to_string());
+                }
+                st.dirty_group_confs.insert(config.name.clone());
+                st.group_confs.insert(config.name.clone(), config);
+                Ok(Response::Done)
+            }
+            Control::DeleteGroup { name } => {
+                if st.group_confs.remove(&name).is_none() {
+                    return refused(RefusedCode::GroupNotFound, format!("group {name} has no configuration"));
+                }
+                st.dirty_group_confs.insert(name);
+                Ok(Response::Done)
+            }
             Control::UpdateOffset { group, topic, queue, offset } => {
                 if st.topics.get(&topic).is_none_or(|t| queue >= t.queues) {
                     return refused(RefusedCode::BadQueue, format!("topic {topic} has no queue {queue}"));
                 }
+                // The group's position moves to `offset` (forward as a pull
+                // consumer commits, or back for a reset): pops continue from
+                // there, and what was in flight is delivered again. Past the
+                // queue's end is clamped to it.
+                let max_offset = st.queues.get(&(topic.clone(), queue)).map(|c| c.max_offset()).unwrap_or(0);
+                let offset = offset.min(max_offset);
                 let gkey = (group, topic, queue);
                 let g = st.groups.entry(gkey.clone()).or_default();
                 g.committed = offset;
-                g.pop_offset = g.pop_offset.max(offset);
-                g.inflight.retain(|o, _| *o >= offset);
+                g.pop_offset = offset;
+                g.inflight.clear();
                 st.dirty_groups.insert(gkey);
                 Ok(Response::Done)
             }
@@ -834,50 +936,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Strm: futures::Stream<Item = std::result::Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
     {
         let sh = &self.shared;
-        let mut keys = rocksdb::WriteBatch::default();
-        let mut last = None;
         let mut any_messages = false;
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
-            let index = entry.log_id.index;
-            let response = {
-                let mut st = sh.write();
-                if let Some(l) = st.last_applied {
-                    assert!(index > l.index, "entry {index} applied after {}", l.index);
-                }
-                let r = match entry.payload {
-                    EntryPayload::Blank => Response::Done,
-                    EntryPayload::Membership(m) => {
-                        st.membership = StoredMembership::new(Some(entry.log_id), m);
-                        Response::Done
-                    }
-                    EntryPayload::Normal(data) => match command::decode(&data.0).map_err(io::Error::other)? {
-                        Command::Send(b) => {
-                            any_messages = true;
-                            let r = sh.apply_send(&mut st, index, b, &mut keys).map_err(io::Error::other)?;
-                            // Key rows are written before the applied id moves,
-                            // so a checkpoint never covers keys not yet written.
-                            if !keys.is_empty() {
-                                sh.db.write(std::mem::take(&mut keys)).map_err(io::Error::other)?;
-                            }
-                            r
-                        }
-                        Command::Control(c) => {
-                            any_messages |= matches!(c, Control::ChangeInvisible { .. } | Control::UpdateOffset { .. });
-                            sh.apply_control(&mut st, index, c).map_err(io::Error::other)?
-                        }
-                    },
-                };
-                st.last_applied = Some(entry.log_id);
-                r
-            };
-            last = Some(index);
+            let (response, wake) = sh.apply_entry(entry).map_err(io::Error::other)?;
+            any_messages |= wake;
             if let Some(r) = responder {
                 r.send(response);
             }
-        }
-        if let Some(i) = last {
-            sh.applied_tx.send_replace(i);
         }
         if any_messages {
             sh.activity.notify_waiters();
@@ -905,3 +971,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(self.shared.snapshots.current()?.map(|(meta, dir)| RaftSnapshot { meta, snapshot: SnapshotDir { dir } }))
     }
 }
+
+#[cfg(test)]
+#[path = "sm_tests.rs"]
+mod tests;

@@ -68,6 +68,8 @@ pub struct SnapState {
     pub last_applied: Option<LogId>,
     pub membership: StoredMembership,
     pub topics: Vec<TopicConf>,
+    #[serde(default)]
+    pub group_confs: Vec<crate::command::GroupConf>,
     pub groups: Vec<(GroupKey, GroupQueue)>,
     /// (topic, queue, record count); the records are in `cq/<topic>/<queue>`.
     pub queues: Vec<(String, u32, u64)>,

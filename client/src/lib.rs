@@ -723,6 +723,20 @@ impl Admin {
         Ok(self.client.clone().get_node_status(admin_pb::Empty {}).await.map_err(admin_err)?.into_inner())
     }
 
+    /// Creates or replaces a consumer group's configuration.
+    pub async fn update_group(&self, config: admin_pb::GroupConfig) -> Result<String> {
+        Ok(self.client.clone().update_group(config).await.map_err(admin_err)?.into_inner().message)
+    }
+
+    pub async fn delete_group(&self, name: &str) -> Result<String> {
+        let req = admin_pb::DeleteGroupRequest { name: name.into() };
+        Ok(self.client.clone().delete_group(req).await.map_err(admin_err)?.into_inner().message)
+    }
+
+    pub async fn list_groups(&self) -> Result<Vec<admin_pb::GroupConfig>> {
+        Ok(self.client.clone().list_groups(admin_pb::Empty {}).await.map_err(admin_err)?.into_inner().groups)
+    }
+
     pub async fn consumer_progress(&self, group: &str, topic: &str) -> Result<admin_pb::ConsumerProgressReply> {
         let req = admin_pb::ConsumerProgressRequest { group: group.into(), topic: topic.into() };
         Ok(self.client.clone().consumer_progress(req).await.map_err(admin_err)?.into_inner())

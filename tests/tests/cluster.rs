@@ -285,6 +285,29 @@ fn bad_input_gets_clear_errors_and_loses_nothing() {
         producer.send("good", OutMessage::new("after")).await.unwrap();
         let got = consumer.receive("good", None, 8, Duration::from_secs(30), Duration::from_secs(5)).await.unwrap();
         assert_eq!(got.iter().map(|m| String::from_utf8_lossy(&m.body).to_string()).collect::<Vec<_>>(), vec!["after"]);
+
+        // Group configuration goes through the log: a disabled group cannot
+        // receive, on any node; re-enabled, it can.
+        let mut conf =
+            raftmq_proto::admin::GroupConfig { name: "g".into(), consume_enabled: false, ..Default::default() };
+        admin.update_group(conf.clone()).await.unwrap();
+        for addr in c.addrs() {
+            let a = Admin::connect(&addr).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !a.list_groups().await.unwrap().iter().any(|g| g.name == "g" && !g.consume_enabled) {
+                assert!(Instant::now() < deadline, "{addr} never applied the group config");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        producer.send("good", OutMessage::new("held")).await.unwrap();
+        let e = consumer.receive("good", None, 8, Duration::from_secs(30), Duration::from_secs(1)).await.unwrap_err();
+        assert!(e.to_string().contains("disabled"), "{e}");
+        conf.consume_enabled = true;
+        admin.update_group(conf).await.unwrap();
+        let got = consumer.receive("good", None, 8, Duration::from_secs(30), Duration::from_secs(5)).await.unwrap();
+        assert_eq!(got.len(), 1, "re-enabled group receives");
+        let e = admin.delete_group("nope").await.unwrap_err();
+        assert!(e.to_string().contains("no configuration"), "{e}");
     });
 }
 

@@ -49,6 +49,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ConsumerCmd,
     },
+    /// Consumer group configuration: update, delete, list.
+    Group {
+        #[command(subcommand)]
+        cmd: GroupCmd,
+    },
     /// Send test messages.
     Send {
         topic: String,
@@ -130,6 +135,30 @@ enum ConsumerCmd {
         #[arg(long, default_value = "")]
         topic: String,
     },
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    /// Create or replace a group's configuration.
+    Update {
+        name: String,
+        /// Delivery attempts before the dead-letter queue (0: broker default, 17).
+        #[arg(long, default_value_t = 0)]
+        max_attempts: u32,
+        /// Stop consumption by this group.
+        #[arg(long)]
+        disable: bool,
+        /// Consume FIFO topics in order.
+        #[arg(long)]
+        fifo: bool,
+        /// Allow broadcasting consumption.
+        #[arg(long)]
+        broadcast: bool,
+    },
+    Delete {
+        name: String,
+    },
+    List,
 }
 
 #[derive(Subcommand)]
@@ -303,6 +332,63 @@ async fn main() -> anyhow::Result<()> {
                     if !n.error.is_empty() {
                         println!("      error: {}", n.error);
                     }
+                }
+            }
+        }
+        Cmd::Group { cmd: GroupCmd::Update { name, max_attempts, disable, fifo, broadcast } } => {
+            let a = admin(&cli.server).await?;
+            let config = raftmq_proto::admin::GroupConfig {
+                name: name.clone(),
+                consume_enabled: !disable,
+                max_delivery_attempts: max_attempts,
+                fifo,
+                broadcast_enabled: broadcast,
+            };
+            let m = a.update_group(config).await?;
+            if json_out {
+                println!("{}", json!({"group": name, "result": m}));
+            } else {
+                println!("group {name}: {m}");
+            }
+        }
+        Cmd::Group { cmd: GroupCmd::Delete { name } } => {
+            let a = admin(&cli.server).await?;
+            let m = a.delete_group(&name).await?;
+            if json_out {
+                println!("{}", json!({"group": name, "result": m}));
+            } else {
+                println!("group {name}: {m}");
+            }
+        }
+        Cmd::Group { cmd: GroupCmd::List } => {
+            let a = admin(&cli.server).await?;
+            let groups = a.list_groups().await?;
+            if json_out {
+                let v: Vec<_> = groups
+                    .iter()
+                    .map(|g| {
+                        json!({"name": g.name, "consume_enabled": g.consume_enabled,
+                        "max_delivery_attempts": g.max_delivery_attempts, "fifo": g.fifo,
+                        "broadcast_enabled": g.broadcast_enabled})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!("{:<32} {:>8} {:>13} {:>5} {:>10}", "GROUP", "CONSUME", "MAX_ATTEMPTS", "FIFO", "BROADCAST");
+                for g in &groups {
+                    let attempts = if g.max_delivery_attempts == 0 {
+                        "default".to_string()
+                    } else {
+                        g.max_delivery_attempts.to_string()
+                    };
+                    println!(
+                        "{:<32} {:>8} {:>13} {:>5} {:>10}",
+                        g.name,
+                        if g.consume_enabled { "on" } else { "off" },
+                        attempts,
+                        g.fifo,
+                        g.broadcast_enabled
+                    );
                 }
             }
         }
