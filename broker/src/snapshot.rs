@@ -284,7 +284,7 @@ impl Store {
                 Err(_) => all.push((None, e.path())),
             }
         }
-        all.sort_by(|a, b| b.0.cmp(&a.0));
+        all.sort_by_key(|b| std::cmp::Reverse(b.0));
         for (_, p) in all.into_iter().skip(keep) {
             std::fs::remove_dir_all(&p)?;
         }
