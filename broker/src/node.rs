@@ -94,6 +94,10 @@ impl BrokerNode {
             max_in_snapshot_log_to_keep: u64::MAX,
             enable_heartbeat: true,
             enable_elect: true,
+            // A node cut off from the group asks first whether it could win
+            // before it raises its term: rejoining, it does not depose a
+            // working leader.
+            enable_pre_vote: Some(true),
             ..Default::default()
         }
         .validate()?;
