@@ -37,6 +37,11 @@ pub struct BrokerConfig {
     /// idempotent and the first election settles it. Default: true.
     #[serde(default = "default_true")]
     pub bootstrap: bool,
+    /// Outgoing connections to peers and name servers bind the IP of
+    /// `listen` as their source address, so a fault-injecting proxy can tell
+    /// the nodes apart on one loopback interface. Default: false.
+    #[serde(default)]
+    pub bind_source: bool,
     #[serde(default)]
     pub raft: RaftTuning,
     #[serde(default)]

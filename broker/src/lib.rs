@@ -10,13 +10,15 @@
 //! - [`admin`]: the admin API (CLI, forwarding, follower reads);
 //! - [`registry`]: registration with the name servers;
 //! - [`routes`]: routes to the other groups (from the name servers, cached);
-//! - [`server`]: one gRPC port serving all of the above.
+//! - [`server`]: one gRPC port serving all of the above;
+//! - [`faults`]: test hooks of the fault-injection suite (off by default).
 
 pub mod admin;
 pub mod command;
 pub mod config;
 pub mod cq;
 pub mod error;
+pub mod faults;
 pub mod messaging;
 pub mod network;
 pub mod node;

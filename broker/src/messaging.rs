@@ -48,8 +48,10 @@ pub struct Messaging {
     pub node: Arc<BrokerNode>,
 }
 
+/// Wall-clock milliseconds (plus the clock-skew test hook's offset).
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    (ms + crate::faults::clock_offset_ms()).max(0) as u64
 }
 
 fn ok() -> pb::Status {

@@ -68,9 +68,18 @@ fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, io::Error> {
     rmp_serde::from_slice(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
+static SOURCE_IP: std::sync::OnceLock<std::net::IpAddr> = std::sync::OnceLock::new();
+
+/// Makes every outgoing connection of this process bind `ip` as its source
+/// (config `bind_source`).
+pub fn set_source_ip(ip: std::net::IpAddr) {
+    let _ = SOURCE_IP.set(ip);
+}
+
 /// Opens lazily-connected channels to peers.
 pub fn channel(addr: &str, timeout: Duration) -> Result<Channel, tonic::transport::Error> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .local_address(SOURCE_IP.get().copied())
         .connect_timeout(timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))

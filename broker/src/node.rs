@@ -18,7 +18,6 @@ use openraft::error::RaftError;
 use raft_log::CommitLog;
 use raft_log::LogBytes;
 use raft_log::RaftLogStore;
-use raft_log::StdFs;
 use raftmq_proto::admin::ProposeRequest;
 use raftmq_proto::admin::admin_service_client::AdminServiceClient;
 use raftmq_proto::rocketmq::messaging_service_client::MessagingServiceClient;
@@ -72,7 +71,16 @@ impl BrokerNode {
     pub async fn start(config: BrokerConfig) -> anyhow::Result<Arc<Self>> {
         config.validate().map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
         let log_dir = config.data_dir.join("log");
-        let (log, report) = CommitLog::open(&log_dir, config.log.clone(), Arc::new(StdFs))
+        crate::faults::start_clock_hook();
+        if config.bind_source {
+            let ip = config
+                .listen_addr()
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| anyhow::anyhow!("bind_source needs an IP listen address: {e}"))?
+                .ip();
+            crate::network::set_source_ip(ip);
+        }
+        let (log, report) = CommitLog::open(&log_dir, config.log.clone(), crate::faults::log_file_system())
             .map_err(|e| anyhow::anyhow!("opening the CommitLog in {}: {e}", log_dir.display()))?;
         tracing::info!(?report, last = ?log.last_entry(), "CommitLog recovered");
         let log = Arc::new(log);
