@@ -155,6 +155,11 @@ impl AdminService for Admin {
         Ok(Response::new(self.control(Control::DeleteGroup { name }).await?))
     }
 
+    async fn read_index(&self, _req: Request<pb::Empty>) -> Result<Response<pb::ReadIndexReply>, Status> {
+        let index = self.node.leader_read_index().await.map_err(|e| e.to_status())?;
+        Ok(Response::new(pb::ReadIndexReply { index }))
+    }
+
     async fn list_groups(&self, _req: Request<pb::Empty>) -> Result<Response<pb::ListGroupsReply>, Status> {
         let st = self.node.sm.read();
         let groups = st

@@ -1090,14 +1090,17 @@ impl MessagingService for Messaging {
                 },
             ));
         }
-        let r: Result<u64> = (|| {
+        let r: Result<u64> = async {
             let group = group_name(&req.group)?;
             let mq = req.message_queue.as_ref().ok_or_else(|| BrokerError::BadRequest("no message queue".into()))?;
             let topic = mq.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+            // Linearizable: a committed offset is never read back older.
+            self.node.linearizable_barrier().await?;
             self.topic_conf_now(&topic)?;
             let st = self.node.sm.read();
             Ok(st.groups.get(&(group, topic, mq.id.max(0) as u32)).map(|g| g.committed).unwrap_or(0))
-        })();
+        }
+        .await;
         Ok(Response::new(match r {
             Ok(o) => pb::GetOffsetResponse { status: Some(ok()), offset: o as i64 },
             Err(e) => pb::GetOffsetResponse { status: Some(err_status(&e)), offset: 0 },

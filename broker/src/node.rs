@@ -106,6 +106,13 @@ impl BrokerNode {
             // before it raises its term: rejoining, it does not depose a
             // working leader.
             enable_pre_vote: Some(true),
+            // A leader that restarts must win an election again. Restoring
+            // leadership in the old term would serve ReadIndex reads from the
+            // commit index it knew before the crash (the stored one is a
+            // lagging hint): stale reads, as the fault-injection suite showed
+            // (README, "Faults found and fixed"); openraft documents the
+            // hazard for state machines that do not flush on apply.
+            enable_leader_restore: Some(false),
             ..Default::default()
         }
         .validate()?;
@@ -304,6 +311,43 @@ impl BrokerNode {
         let log = self.log.clone();
         tokio::task::spawn_blocking(move || log.purge(p)).await.map_err(|e| BrokerError::Raft(e.to_string()))??;
         Ok(Some(p.index))
+    }
+
+    /// This node's read index as leader (ReadIndex: leadership confirmed by
+    /// a quorum, everything committed before the read applied here).
+    pub async fn leader_read_index(&self) -> Result<u64> {
+        match self.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex).await {
+            Ok(r) => Ok(r.log_id().index),
+            Err(e) => Err(BrokerError::NoLeader(format!("{}: {e}", self.config.broker_name))),
+        }
+    }
+
+    /// Makes a local read linearizable: everything committed before it
+    /// started is applied here first. On the leader, its read index; on a
+    /// follower, the leader's read index, then waits to apply up to it.
+    pub async fn linearizable_barrier(&self) -> Result<()> {
+        if self.is_leader() {
+            self.leader_read_index().await?;
+            return Ok(());
+        }
+        let m = self.raft.metrics().borrow_watched().clone();
+        let leader = m.current_leader.ok_or_else(|| BrokerError::NoLeader(self.config.broker_name.clone()))?;
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
+            .ok_or_else(|| BrokerError::NoLeader(self.config.broker_name.clone()))?;
+        let mut c = self.admin_client(&addr)?;
+        let mut req = tonic::Request::new(raftmq_proto::admin::Empty {});
+        req.set_timeout(Duration::from_secs(3));
+        let index = c
+            .read_index(req)
+            .await
+            .map_err(|s| BrokerError::Unreachable(addr.clone(), s.message().to_string()))?
+            .into_inner()
+            .index;
+        self.sm.wait_applied(index, Duration::from_secs(3)).await
     }
 
     /// Shuts Raft down after a final state checkpoint.

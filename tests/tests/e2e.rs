@@ -9,4 +9,5 @@ mod cluster;
 mod commitlog_kill;
 mod compat_python;
 mod groups;
+mod regressions;
 mod snapshot;
