@@ -113,6 +113,13 @@ impl BrokerNode {
             // (README, "Faults found and fixed"); openraft documents the
             // hazard for state machines that do not flush on apply.
             enable_leader_restore: Some(false),
+            // A follower whose disk lost fsynced entries (a truncated or
+            // damaged tail cut at recovery) reports a shorter log than it
+            // acknowledged. Raft tolerates that on a minority: the leader
+            // resends. openraft's default panics the leader instead, which
+            // the fault-injection suite hit (README, "Faults found and
+            // fixed").
+            allow_log_reversion: Some(true),
             ..Default::default()
         }
         .validate()?;
@@ -140,6 +147,22 @@ impl BrokerNode {
             round_robin: AtomicU64::new(0),
             group_round_robin: AtomicU64::new(0),
             started: Instant::now(),
+        });
+        // A Raft core that stopped on its own (a storage error, a panic)
+        // leaves a process that answers but cannot replicate: exit instead,
+        // so the service manager restarts the node and recovery runs.
+        let mut metrics = node.raft.metrics();
+        tokio::spawn(async move {
+            while metrics.changed().await.is_ok() {
+                let running = metrics.borrow_watched().running_state.clone();
+                match running {
+                    Ok(()) | Err(openraft::error::Fatal::Stopped) => {}
+                    Err(fatal) => {
+                        tracing::error!(error = %fatal, "the Raft core stopped: exiting so the node restarts and recovers");
+                        std::process::exit(70);
+                    }
+                }
+            }
         });
         let weak = Arc::downgrade(&node);
         let retention_every = Duration::from_millis(node.config.raft.retention_check_interval_ms);
