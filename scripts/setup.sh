@@ -5,8 +5,8 @@ set -euo pipefail
 
 # Debian packages: C toolchain and clang/libclang (rocksdb's bindgen),
 # protoc and the well-known .proto types (gRPC code generation), python3-venv (official-client tests),
-# iproute2 (network namespaces for fault tests).
-PACKAGES=(build-essential pkg-config clang libclang-dev protobuf-compiler libprotobuf-dev python3-venv iproute2)
+# iproute2 and iptables (network namespaces and link faults for raftmq-jepsen).
+PACKAGES=(build-essential pkg-config clang libclang-dev protobuf-compiler libprotobuf-dev python3-venv iproute2 iptables)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

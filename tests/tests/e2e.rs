@@ -9,5 +9,6 @@ mod cluster;
 mod commitlog_kill;
 mod compat_python;
 mod groups;
+mod jepsen_cleanup;
 mod regressions;
 mod snapshot;
