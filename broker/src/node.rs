@@ -285,7 +285,33 @@ impl BrokerNode {
                     let mut client = self.admin_client(&addr)?;
                     let mut req = tonic::Request::new(ProposeRequest { command: cmd.clone().into() });
                     req.set_timeout(Duration::from_secs(5));
-                    match client.propose(req).await {
+                    // A leader that stops answering (paused, cut off) is
+                    // replaced by an election long before the call times out:
+                    // stop waiting as soon as this node learns of a new leader
+                    // and forward there. (If the old leader had already
+                    // replicated the command it may be stored twice: a
+                    // producer retry, which RocketMQ allows.)
+                    let mut metrics = self.raft.metrics();
+                    let leader_changed = async move {
+                        loop {
+                            if metrics.borrow_watched().current_leader != Some(l) {
+                                return;
+                            }
+                            if metrics.changed().await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                        }
+                    };
+                    let outcome = tokio::select! {
+                        r = client.propose(req) => Some(r),
+                        () = leader_changed => None,
+                    };
+                    let Some(outcome) = outcome else {
+                        tracing::debug!(old = l, "leader changed while forwarding; forwarding again");
+                        last_err = BrokerError::NoLeader(format!("{} (leader changed)", self.config.broker_name));
+                        continue;
+                    };
+                    match outcome {
                         Ok(r) => {
                             let r = r.into_inner();
                             let resp: Response = rmp_serde::from_slice(&r.response)
