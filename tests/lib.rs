@@ -165,6 +165,14 @@ impl Cluster {
         }
     }
 
+    /// SIGSTOP (`pause: true`) or SIGCONT of node index `i`.
+    pub fn pause_node(&self, i: usize, pause: bool) {
+        if let Some(c) = &self.brokers[i] {
+            // SAFETY: plain kill(2) on a child we own.
+            unsafe { libc_kill(c.id() as i32, if pause { 19 } else { 18 }) };
+        }
+    }
+
     /// SIGTERM of node index `i` (clean stop: hands leadership over).
     pub fn stop_node(&mut self, i: usize) {
         if let Some(mut c) = self.brokers[i].take() {

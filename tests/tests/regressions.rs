@@ -162,3 +162,27 @@ fn a_follower_that_lost_its_log_tail_does_not_bring_the_leader_down() {
         }
     });
 }
+
+/// jepsen long run (`--nemesis all`; pause-leader: 10 s without an
+/// acknowledged send): a follower forwarding a proposal to a paused leader
+/// waited out the whole 5 s forwarding timeout although a new leader was
+/// elected within 2 s. It now forwards again once it learns of the new
+/// leader: a single send through a follower, allowed 4 s, succeeds.
+#[test]
+fn a_send_through_a_follower_does_not_wait_for_a_paused_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(dir.path(), 3, "");
+    runtime().block_on(async {
+        let (leader, admin) = wait_for_leader(&c, Duration::from_secs(20)).await;
+        create_topic(&admin, "t", 2).await;
+        let follower = c.nodes.iter().map(|(id, _)| *id).find(|id| *id != leader).unwrap();
+        let f_addr = c.nodes[c.index_of(follower)].1.clone();
+        let opts = ProducerOptions { max_attempts: 1, request_timeout: Duration::from_secs(4), ..Default::default() };
+        let p = Producer::new(std::slice::from_ref(&f_addr), opts).unwrap();
+        p.send("t", OutMessage::new("before")).await.unwrap();
+        c.pause_node(c.index_of(leader), true);
+        let r = p.send("t", OutMessage::new("during")).await;
+        c.pause_node(c.index_of(leader), false);
+        r.expect("a send through a follower while the old leader is paused");
+    });
+}
