@@ -374,7 +374,20 @@ impl BrokerNode {
     /// Makes a local read linearizable: everything committed before it
     /// started is applied here first. On the leader, its read index; on a
     /// follower, the leader's read index, then waits to apply up to it.
+    /// Retried while an election runs (up to [`PROPOSE_PATIENCE`]).
     pub async fn linearizable_barrier(&self) -> Result<()> {
+        let deadline = Instant::now() + PROPOSE_PATIENCE;
+        loop {
+            match self.linearizable_barrier_once().await {
+                Err(BrokerError::NoLeader(_) | BrokerError::Unreachable(..)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn linearizable_barrier_once(&self) -> Result<()> {
         if self.is_leader() {
             self.leader_read_index().await?;
             return Ok(());
