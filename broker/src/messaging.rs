@@ -43,6 +43,8 @@ use crate::sm::ReadMessage;
 use crate::sm::check_name;
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
+/// The client API of a node of another group (forwarding).
+type PeerClient = pb::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>;
 
 pub struct Messaging {
     pub node: Arc<BrokerNode>,
@@ -237,7 +239,7 @@ impl Messaging {
     ) -> Result<Resp>
     where
         Req: Clone,
-        F: Fn(pb::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>, Request<Req>) -> Fut,
+        F: Fn(PeerClient, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<Response<Resp>, Status>>,
     {
         if forwarded {
@@ -263,6 +265,68 @@ impl Messaging {
             }
         }
         Err(BrokerError::Unreachable(format!("broker group {group}"), last))
+    }
+
+    /// (group, topic) of a message queue in another group.
+    fn remote_queue(&self, mq: Option<&pb::MessageQueue>) -> Option<(String, String)> {
+        let group = self.remote(broker_of(mq))?;
+        let topic = mq.and_then(|q| q.topic.as_ref()).map(|t| t.name.clone()).unwrap_or_default();
+        Some((group, topic))
+    }
+
+    /// Forwards a unary call to another group; a failure becomes the
+    /// response `on_err` builds from its status.
+    async fn forward_unary<Req, Resp, F, Fut>(
+        &self,
+        (group, topic): (String, String),
+        forwarded: bool,
+        req: Req,
+        call: F,
+        on_err: impl FnOnce(pb::Status) -> Resp,
+    ) -> Response<Resp>
+    where
+        Req: Clone,
+        F: Fn(PeerClient, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<Response<Resp>, Status>>,
+    {
+        Response::new(match self.forward(&group, &topic, forwarded, req, None, call).await {
+            Ok(r) => r,
+            Err(e) => on_err(err_status(&e)),
+        })
+    }
+
+    /// Forwards a server-streaming call to another group and relays the
+    /// items; a failure ends the stream with the item `status_item` builds.
+    async fn forward_stream<Req, T, F, Fut>(
+        &self,
+        (group, topic): (String, String),
+        forwarded: bool,
+        req: Req,
+        timeout: Option<Duration>,
+        call: F,
+        status_item: fn(pb::Status) -> T,
+    ) -> Response<Stream_<T>>
+    where
+        Req: Clone,
+        T: Send + 'static,
+        F: Fn(PeerClient, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<Response<tonic::Streaming<T>>, Status>>,
+    {
+        let mut items = Vec::new();
+        match self.forward(&group, &topic, forwarded, req, timeout, call).await {
+            Ok(mut stream) => loop {
+                match stream.message().await {
+                    Ok(Some(item)) => items.push(item),
+                    Ok(None) => break,
+                    Err(s) => {
+                        items.push(status_item(err_status(&BrokerError::Unreachable(group, s.message().to_string()))));
+                        break;
+                    }
+                }
+            },
+            Err(e) => items.push(status_item(err_status(&e))),
+        }
+        Response::new(Box::pin(tokio_stream::iter(items.into_iter().map(Ok))))
     }
 
     /// The topic here (if this group has it) and in the other groups (unless
@@ -714,8 +778,7 @@ impl MessagingService for Messaging {
         let target = match self.send_target(&req.messages, forwarded).await {
             Ok(Some(group)) => {
                 let topic = req.messages[0].topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
-                let call = |mut c: pb::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>,
-                            r| async move { c.send_message(r).await };
+                let call = |mut c: PeerClient, r| async move { c.send_message(r).await };
                 self.forward(&group, &topic, forwarded, req.clone(), timeout, call).await.map(Some)
             }
             Ok(None) => Ok(None),
@@ -780,35 +843,11 @@ impl MessagingService for Messaging {
         let forwarded = is_forwarded(&req);
         let namespace = req.get_ref().group.as_ref().map(|g| g.resource_namespace.clone()).unwrap_or_default();
         let req = req.into_inner();
-        if let Some(group) = self.remote(broker_of(req.message_queue.as_ref())) {
-            let topic = req.message_queue.as_ref().and_then(|q| q.topic.as_ref()).map(|t| t.name.clone());
-            let call = |mut c: pb::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>, r| async move {
-                c.receive_message(r).await
-            };
-            let items = match self.forward(&group, &topic.unwrap_or_default(), forwarded, req, deadline, call).await {
-                Ok(mut stream) => {
-                    let mut items = Vec::new();
-                    loop {
-                        match stream.message().await {
-                            Ok(Some(item)) => items.push(item),
-                            Ok(None) => break,
-                            Err(s) => {
-                                items.push(pb::ReceiveMessageResponse {
-                                    content: Some(pb::receive_message_response::Content::Status(err_status(
-                                        &BrokerError::Unreachable(group.clone(), s.message().to_string()),
-                                    ))),
-                                });
-                                break;
-                            }
-                        }
-                    }
-                    items
-                }
-                Err(e) => vec![pb::ReceiveMessageResponse {
-                    content: Some(pb::receive_message_response::Content::Status(err_status(&e))),
-                }],
-            };
-            return Ok(Response::new(Box::pin(tokio_stream::iter(items.into_iter().map(Ok)))));
+        if let Some(target) = self.remote_queue(req.message_queue.as_ref()) {
+            let call = |mut c: PeerClient, r| async move { c.receive_message(r).await };
+            let status =
+                |s| pb::ReceiveMessageResponse { content: Some(pb::receive_message_response::Content::Status(s)) };
+            return Ok(self.forward_stream(target, forwarded, req, deadline, call, status).await);
         }
         let limits = &self.node.config.limits;
         let result: Result<Vec<pb::ReceiveMessageResponse>> = async {
@@ -946,24 +985,10 @@ impl MessagingService for Messaging {
         let forwarded = is_forwarded(&req);
         let timeout = grpc_timeout(&req);
         let req = req.into_inner();
-        if let Some(group) = self.remote(broker_of(req.message_queue.as_ref())) {
-            let topic = req.message_queue.as_ref().and_then(|q| q.topic.as_ref()).map(|t| t.name.clone());
-            let call = |mut c: pb::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>, r| async move {
-                c.pull_message(r).await
-            };
-            let items = match self.forward(&group, &topic.unwrap_or_default(), forwarded, req, timeout, call).await {
-                Ok(mut stream) => {
-                    let mut items = Vec::new();
-                    while let Ok(Some(item)) = stream.message().await {
-                        items.push(item);
-                    }
-                    items
-                }
-                Err(e) => vec![pb::PullMessageResponse {
-                    content: Some(pb::pull_message_response::Content::Status(err_status(&e))),
-                }],
-            };
-            return Ok(Response::new(Box::pin(tokio_stream::iter(items.into_iter().map(Ok)))));
+        if let Some(target) = self.remote_queue(req.message_queue.as_ref()) {
+            let call = |mut c: PeerClient, r| async move { c.pull_message(r).await };
+            let status = |s| pb::PullMessageResponse { content: Some(pb::pull_message_response::Content::Status(s)) };
+            return Ok(self.forward_stream(target, forwarded, req, timeout, call, status).await);
         }
         let advertised = self.advertised();
         let result: Result<Vec<pb::PullMessageResponse>> = async {
@@ -1037,17 +1062,11 @@ impl MessagingService for Messaging {
     ) -> std::result::Result<Response<pb::UpdateOffsetResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let req = req.into_inner();
-        if let Some(group) = self.remote(broker_of(req.message_queue.as_ref())) {
-            let topic = req.message_queue.as_ref().and_then(|q| q.topic.as_ref()).map(|t| t.name.clone());
-            let call = |mut c: pb::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>, r| async move {
-                c.update_offset(r).await
-            };
-            return Ok(Response::new(
-                match self.forward(&group, &topic.unwrap_or_default(), forwarded, req, None, call).await {
-                    Ok(r) => r,
-                    Err(e) => pb::UpdateOffsetResponse { status: Some(err_status(&e)) },
-                },
-            ));
+        if let Some(target) = self.remote_queue(req.message_queue.as_ref()) {
+            let call = |mut c: PeerClient, r| async move { c.update_offset(r).await };
+            return Ok(self
+                .forward_unary(target, forwarded, req, call, |s| pb::UpdateOffsetResponse { status: Some(s) })
+                .await);
         }
         let r: Result<()> = async {
             let group = group_name(&req.group)?;
@@ -1078,17 +1097,11 @@ impl MessagingService for Messaging {
     ) -> std::result::Result<Response<pb::GetOffsetResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let req = req.into_inner();
-        if let Some(group) = self.remote(broker_of(req.message_queue.as_ref())) {
-            let topic = req.message_queue.as_ref().and_then(|q| q.topic.as_ref()).map(|t| t.name.clone());
-            let call = |mut c: pb::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>, r| async move {
-                c.get_offset(r).await
-            };
-            return Ok(Response::new(
-                match self.forward(&group, &topic.unwrap_or_default(), forwarded, req, None, call).await {
-                    Ok(r) => r,
-                    Err(e) => pb::GetOffsetResponse { status: Some(err_status(&e)), offset: 0 },
-                },
-            ));
+        if let Some(target) = self.remote_queue(req.message_queue.as_ref()) {
+            let call = |mut c: PeerClient, r| async move { c.get_offset(r).await };
+            return Ok(self
+                .forward_unary(target, forwarded, req, call, |s| pb::GetOffsetResponse { status: Some(s), offset: 0 })
+                .await);
         }
         let r: Result<u64> = async {
             let group = group_name(&req.group)?;
@@ -1113,17 +1126,11 @@ impl MessagingService for Messaging {
     ) -> std::result::Result<Response<pb::QueryOffsetResponse>, Status> {
         let forwarded = is_forwarded(&req);
         let req = req.into_inner();
-        if let Some(group) = self.remote(broker_of(req.message_queue.as_ref())) {
-            let topic = req.message_queue.as_ref().and_then(|q| q.topic.as_ref()).map(|t| t.name.clone());
-            let call = |mut c: pb::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>, r| async move {
-                c.query_offset(r).await
-            };
-            return Ok(Response::new(
-                match self.forward(&group, &topic.unwrap_or_default(), forwarded, req, None, call).await {
-                    Ok(r) => r,
-                    Err(e) => pb::QueryOffsetResponse { status: Some(err_status(&e)), offset: 0 },
-                },
-            ));
+        if let Some(target) = self.remote_queue(req.message_queue.as_ref()) {
+            let call = |mut c: PeerClient, r| async move { c.query_offset(r).await };
+            return Ok(self
+                .forward_unary(target, forwarded, req, call, |s| pb::QueryOffsetResponse { status: Some(s), offset: 0 })
+                .await);
         }
         let r: Result<u64> = (|| {
             let mq = req.message_queue.as_ref().ok_or_else(|| BrokerError::BadRequest("no message queue".into()))?;
@@ -1209,15 +1216,9 @@ impl MessagingService for Messaging {
             && let Some(group) = self.remote(Some(&h.group))
         {
             let topic = req.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
-            let call = |mut c: pb::messaging_service_client::MessagingServiceClient<tonic::transport::Channel>, r| async move {
-                c.change_invisible_duration(r).await
-            };
-            return Ok(Response::new(match self.forward(&group, &topic, forwarded, req, None, call).await {
-                Ok(r) => r,
-                Err(e) => {
-                    pb::ChangeInvisibleDurationResponse { status: Some(err_status(&e)), receipt_handle: String::new() }
-                }
-            }));
+            let call = |mut c: PeerClient, r| async move { c.change_invisible_duration(r).await };
+            let on_err = |s| pb::ChangeInvisibleDurationResponse { status: Some(s), receipt_handle: String::new() };
+            return Ok(self.forward_unary((group, topic), forwarded, req, call, on_err).await);
         }
         let r: Result<String> = async {
             let group = group_name(&req.group)?;

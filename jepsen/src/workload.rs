@@ -184,19 +184,50 @@ async fn register(r: usize, spec: Spec, rec: Arc<Recorder>, until: Instant) {
     }
 }
 
-/// Reads every queue back from the log (after the run).
+/// Waits until every node applied what the leader committed (a node still
+/// catching up would answer pulls with less than the log holds), then reads
+/// every queue back up to the highest end any node reports.
 async fn final_read(spec: &Spec, rec: &Recorder) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut ends = vec![0u64; QUEUES as usize];
+    loop {
+        let mut commit = 0;
+        let mut applied = Vec::new();
+        for addr in &spec.endpoints {
+            let Ok(a) = Admin::connect(addr) else { continue };
+            if let Ok(Ok(st)) = tokio::time::timeout(Duration::from_secs(2), a.node_status()).await {
+                if st.role == "leader" {
+                    commit = st.commit_index;
+                }
+                applied.push((addr.clone(), st.applied_index));
+            }
+            if let Ok(Ok(topics)) = tokio::time::timeout(Duration::from_secs(2), a.list_topics()).await
+                && let Some(t) = topics.iter().find(|t| t.config.as_ref().is_some_and(|c| c.name == TOPIC))
+            {
+                for q in &t.queues {
+                    let e = &mut ends[q.queue_id as usize];
+                    *e = (*e).max(q.max_offset);
+                }
+            }
+        }
+        let behind: Vec<_> = applied.iter().filter(|(_, a)| commit == 0 || *a < commit).collect();
+        if commit > 0 && behind.is_empty() && applied.len() == spec.endpoints.len() {
+            break;
+        }
+        if Instant::now() > deadline {
+            eprintln!("workload: nodes not caught up before the final read (leader commit {commit}): {applied:?}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let pc = PullConsumer::new(&spec.endpoints, "jepsen-final")?;
     let mut n = 0;
     for q in 0..QUEUES {
         let mut offset = 0;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
+        let end = ends[q as usize];
+        while offset < end {
             match pc.pull(TOPIC, q, offset, 32, Duration::ZERO).await {
-                Ok((batch, next)) => {
-                    if batch.is_empty() {
-                        break;
-                    }
+                Ok((batch, next)) if !batch.is_empty() => {
                     for m in batch {
                         let id = String::from_utf8_lossy(&m.body).to_string();
                         rec.log(&Event::new("final", Kind::Event, F::Final, id).at(q, m.offset));
@@ -204,9 +235,13 @@ async fn final_read(spec: &Spec, rec: &Recorder) -> anyhow::Result<usize> {
                     }
                     offset = next;
                 }
-                Err(e) => {
-                    anyhow::ensure!(Instant::now() < deadline, "final read of queue {q}: {e}");
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                // Empty before the end: that node lags; ask another.
+                Ok(_) | Err(_) => {
+                    anyhow::ensure!(
+                        Instant::now() < deadline,
+                        "final read of queue {q} stuck at offset {offset} of {end}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
