@@ -82,8 +82,14 @@ fn remember(f: impl FnOnce(&mut State)) {
 pub fn cleanup() {
     let s = load_state();
     for pid in &s.pids {
-        // SAFETY: kill(2) with a pid we started; a reused pid is unlikely
-        // within a run, and SIGCONT first wakes a paused one.
+        // A pid from an old state file may have been reused by now: only
+        // processes that are still ours (RaftMQ binaries) are killed.
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains("raftmq") {
+            continue;
+        }
+        // SAFETY: kill(2) of a process we started (checked above); SIGCONT
+        // first wakes a paused one.
         unsafe {
             libc::kill(*pid as i32, libc::SIGCONT);
             libc::kill(*pid as i32, libc::SIGKILL);
