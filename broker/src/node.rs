@@ -55,8 +55,9 @@ pub struct BrokerNode {
     pub stats: Stats,
     /// Routes to the other groups of the cluster.
     pub routes: Routes,
-    peers: Mutex<HashMap<String, AdminServiceClient<Channel>>>,
-    messaging_peers: Mutex<HashMap<String, MessagingServiceClient<Channel>>>,
+    /// One lazily connected channel per peer address, shared by the admin
+    /// and client-API clients made on it.
+    peers: Mutex<HashMap<String, Channel>>,
     round_robin: AtomicU64,
     group_round_robin: AtomicU64,
     started: Instant,
@@ -142,7 +143,6 @@ impl BrokerNode {
             stats: Stats::default(),
             routes: Routes::new(&config.broker_name, &config.namesrv),
             peers: Mutex::new(HashMap::new()),
-            messaging_peers: Mutex::new(HashMap::new()),
             config,
             round_robin: AtomicU64::new(0),
             group_round_robin: AtomicU64::new(0),
@@ -222,30 +222,30 @@ impl BrokerNode {
         self.group_round_robin.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// An admin client for a peer address (cached).
-    pub fn admin_client(&self, addr: &str) -> Result<AdminServiceClient<Channel>> {
+    /// The channel to a peer address (cached).
+    fn peer_channel(&self, addr: &str) -> Result<Channel> {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = peers.get(addr) {
             return Ok(c.clone());
         }
         let ch = channel(addr, Duration::from_millis(500))
             .map_err(|e| BrokerError::Unreachable(addr.to_string(), e.to_string()))?;
-        let c = AdminServiceClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
-        peers.insert(addr.to_string(), c.clone());
-        Ok(c)
+        peers.insert(addr.to_string(), ch.clone());
+        Ok(ch)
     }
 
-    /// A client-API client for a node of another group (cached).
+    /// An admin client for a peer address.
+    pub fn admin_client(&self, addr: &str) -> Result<AdminServiceClient<Channel>> {
+        Ok(AdminServiceClient::new(self.peer_channel(addr)?)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20))
+    }
+
+    /// A client-API client for a node of another group.
     pub fn messaging_client(&self, addr: &str) -> Result<MessagingServiceClient<Channel>> {
-        let mut peers = self.messaging_peers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = peers.get(addr) {
-            return Ok(c.clone());
-        }
-        let ch = channel(addr, Duration::from_millis(500))
-            .map_err(|e| BrokerError::Unreachable(addr.to_string(), e.to_string()))?;
-        let c = MessagingServiceClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
-        peers.insert(addr.to_string(), c.clone());
-        Ok(c)
+        Ok(MessagingServiceClient::new(self.peer_channel(addr)?)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20))
     }
 
     /// Proposes a command on this node, which must be the leader (no forwarding).

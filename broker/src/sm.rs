@@ -172,6 +172,14 @@ fn k_key_index(topic: &str, key: &str, queue: u32, offset: u64) -> Vec<u8> {
     k
 }
 
+/// A RocksDB row (key, value) or the error reading it.
+type Row = std::result::Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>;
+
+/// The rows of `db` whose keys start with `prefix`, in key order.
+fn rows<'a>(db: &'a rocksdb::DB, prefix: &'a [u8]) -> impl Iterator<Item = Row> + 'a {
+    db.prefix_iterator(prefix).take_while(move |item| item.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)))
+}
+
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
     rmp_serde::to_vec(v).expect("state encodes")
 }
@@ -209,38 +217,26 @@ impl StateMachineStore {
         if let Some(b) = db.get(K_MEMBERSHIP)? {
             st.membership = dec(K_MEMBERSHIP, &b)?;
         }
-        for item in db.prefix_iterator(b"t/") {
+        for item in rows(&db, b"t/") {
             let (k, v) = item?;
-            if !k.starts_with(b"t/") {
-                break;
-            }
             let t: TopicConf = dec(&k, &v)?;
             st.topics.insert(t.name.clone(), t);
         }
-        for item in db.prefix_iterator(b"c/") {
+        for item in rows(&db, b"c/") {
             let (k, v) = item?;
-            if !k.starts_with(b"c/") {
-                break;
-            }
             let g: GroupConf = dec(&k, &v)?;
             st.group_confs.insert(g.name.clone(), g);
         }
         let mut lengths: HashMap<QueueKey, u64> = HashMap::new();
-        for item in db.prefix_iterator(b"q/") {
+        for item in rows(&db, b"q/") {
             let (k, v) = item?;
-            if !k.starts_with(b"q/") {
-                break;
-            }
             let key = String::from_utf8_lossy(&k[2..]).to_string();
             let (topic, q) = key.rsplit_once('/').ok_or_else(|| BrokerError::Corrupt(format!("queue key {key}")))?;
             let q: u32 = q.parse().map_err(|_| BrokerError::Corrupt(format!("queue key {key}")))?;
             lengths.insert((topic.to_string(), q), dec(&k, &v)?);
         }
-        for item in db.prefix_iterator(b"g/") {
+        for item in rows(&db, b"g/") {
             let (k, v) = item?;
-            if !k.starts_with(b"g/") {
-                break;
-            }
             let key = String::from_utf8_lossy(&k[2..]).to_string();
             let parts: Vec<&str> = key.split('\0').collect();
             if parts.len() != 3 {
@@ -429,9 +425,9 @@ impl SmShared {
     pub fn find_by_key(&self, topic: &str, key: &str, limit: usize) -> Result<Vec<(u32, u64)>> {
         let prefix = format!("k/{topic}\0{key}\0").into_bytes();
         let mut out = Vec::new();
-        for item in self.db.prefix_iterator(&prefix) {
+        for item in rows(&self.db, &prefix) {
             let (k, _) = item?;
-            if !k.starts_with(&prefix) || out.len() >= limit {
+            if out.len() >= limit {
                 break;
             }
             let rest = &k[prefix.len()..];
