@@ -343,4 +343,77 @@ impl AdminService for Admin {
         self.node.stats.follower_reads_served.fetch_add(n, Ordering::Relaxed);
         Ok(Response::new(pb::ReadReply { messages: read.into_iter().map(|r| r.raw).collect() }))
     }
+
+    async fn query_message(
+        &self,
+        req: Request<pb::QueryMessageRequest>,
+    ) -> Result<Response<pb::QueryMessageReply>, Status> {
+        let req = req.into_inner();
+        let max = if req.max == 0 { 32 } else { req.max.min(1000) } as usize;
+        let sm = &self.node.sm;
+        let locations: Vec<(String, u32, u64)> = if !req.message_id.is_empty() {
+            let found = sm.find_by_id(&req.message_id, max).map_err(|e| e.to_status())?;
+            found.into_iter().filter(|(t, _, _)| req.topic.is_empty() || *t == req.topic).collect()
+        } else if !req.key.is_empty() {
+            check_name("topic", &req.topic).map_err(|e| e.to_status())?;
+            let found = sm.find_by_key(&req.topic, &req.key, max).map_err(|e| e.to_status())?;
+            found.into_iter().map(|(q, o)| (req.topic.clone(), q, o)).collect()
+        } else {
+            return Err(Status::invalid_argument("give a message id, or a topic and a key"));
+        };
+        let mut messages = Vec::with_capacity(locations.len());
+        for (topic, queue, offset) in locations {
+            for r in sm.read_messages(&topic, queue, &[offset]).map_err(|e| e.to_status())? {
+                messages.push(self.found(&r, None));
+            }
+        }
+        Ok(Response::new(pb::QueryMessageReply { messages }))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        req: Request<pb::DeadLettersRequest>,
+    ) -> Result<Response<pb::DeadLettersReply>, Status> {
+        let req = req.into_inner();
+        check_name("consumer group", &req.group).map_err(|e| e.to_status())?;
+        let max = if req.max == 0 { 32 } else { req.max.min(1000) } as usize;
+        let (found, end) = self.node.sm.dead_letters(&req.group, req.from_offset, max).map_err(|e| e.to_status())?;
+        let next = found.last().map(|(o, _, _)| o + 1).unwrap_or(req.from_offset.max(end.min(req.from_offset)));
+        let messages = found.iter().map(|(_, origin, r)| self.found(r, Some(origin))).collect();
+        Ok(Response::new(pb::DeadLettersReply { messages, next_offset: next, end_offset: end }))
+    }
+
+    async fn resend_dead_letter(
+        &self,
+        req: Request<pb::ResendDeadLetterRequest>,
+    ) -> Result<Response<pb::AdminReply>, Status> {
+        let req = req.into_inner();
+        check_name("consumer group", &req.group).map_err(|e| e.to_status())?;
+        Ok(Response::new(self.control(Control::ResendDeadLetter { group: req.group, dlq_offset: req.offset }).await?))
+    }
+}
+
+impl Admin {
+    /// A stored message as the admin API shows it.
+    fn found(&self, r: &crate::sm::ReadMessage, origin: Option<&crate::held::DeadOrigin>) -> pb::FoundMessage {
+        let m = &r.message;
+        pb::FoundMessage {
+            topic: m.topic.clone(),
+            queue_id: r.queue,
+            offset: r.offset,
+            message_id: m.message_id.clone(),
+            tag: m.tag.clone(),
+            keys: m.keys.clone(),
+            properties: m.properties.clone(),
+            body: m.body.clone(),
+            born_timestamp_ms: m.born_timestamp_ms,
+            store_timestamp_ms: m.store_timestamp_ms,
+            message_group: m.message_group.clone(),
+            delivery_timestamp_ms: m.delivery_timestamp_ms,
+            broker_name: self.node.config.broker_name.clone(),
+            origin_queue_id: origin.map(|o| o.queue).unwrap_or(r.queue),
+            origin_offset: origin.map(|o| o.offset).unwrap_or(r.offset),
+            attempts: origin.map(|o| o.attempts).unwrap_or(0),
+        }
+    }
 }

@@ -33,6 +33,12 @@ pub enum Control {
     /// invisibility expired, then new ones; they become invisible until
     /// `now_ms + invisible_ms`. `now_ms` is the proposer's clock, so every node
     /// applies the same result.
+    ///
+    /// Messages that do not pass `filter` are skipped (consumed for this
+    /// group). A message whose delivery attempts reach the group's maximum
+    /// (its config, else `max_attempts`) goes to `%DLQ%<group>` instead of
+    /// being handed out again. In a FIFO group, a message group has at most
+    /// one message in flight: the next waits until the previous is settled.
     Pop {
         group: String,
         topic: String,
@@ -40,6 +46,66 @@ pub enum Control {
         max: u32,
         invisible_ms: u64,
         now_ms: u64,
+        #[serde(default)]
+        filter: Option<FilterSpec>,
+        /// The broker's default maximum of delivery attempts.
+        #[serde(default)]
+        max_attempts: u32,
+    },
+    /// Moves delayed messages due at `now_ms` (at most [`MAX_MOVED`]) into
+    /// their ConsumeQueues.
+    Deliver {
+        now_ms: u64,
+    },
+    /// Resolves a half (transactional) message: commit makes it visible
+    /// (or delayed, when its delivery time is later), rollback discards it.
+    EndTransaction {
+        tx: TxId,
+        commit: bool,
+        now_ms: u64,
+    },
+    /// Counts a check-back of every half message due for one at `now_ms`
+    /// (the first `interval_ms` after it was stored, then every
+    /// `interval_ms`); one already checked `max_checks` times is rolled back.
+    CheckTransactions {
+        now_ms: u64,
+        interval_ms: u64,
+        max_checks: u32,
+    },
+    /// Moves a popped message to `%DLQ%<group>` (the client gave up on it).
+    ToDeadLetter {
+        group: String,
+        topic: String,
+        queue: u32,
+        offset: u64,
+        pop_index: u64,
+    },
+    /// Hands dead letter `dlq_offset` of `group` back to the group: it is
+    /// delivered again, from attempt 1.
+    ResendDeadLetter {
+        group: String,
+        dlq_offset: u64,
+    },
+    /// Keeps a popped message invisible until `visible_at_ms` without
+    /// changing its receipt handle (the broker renews for push consumers).
+    Renew {
+        group: String,
+        topic: String,
+        queue: u32,
+        offset: u64,
+        pop_index: u64,
+        visible_at_ms: u64,
+    },
+    /// A consumer of `group` is alive at `now_ms` (queue assignment).
+    ClientHeartbeat {
+        group: String,
+        client_id: String,
+        now_ms: u64,
+    },
+    /// A consumer of `group` said goodbye.
+    ClientGone {
+        group: String,
+        client_id: String,
     },
     /// Settle a popped message. `pop_index` is the log index of the Pop (or
     /// ChangeInvisible) that handed it out: a stale handle does nothing.
@@ -76,6 +142,48 @@ pub enum Control {
     },
 }
 
+/// At most this many messages move per Deliver or CheckTransactions entry.
+pub const MAX_MOVED: usize = 10_000;
+
+/// A message filter as a consumer gave it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilterSpec {
+    pub sql: bool,
+    pub expression: String,
+}
+
+/// A half message: the log index of its send batch and its slot in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TxId {
+    pub index: u64,
+    pub slot: u32,
+}
+
+/// Where a sent message goes when its batch is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Into its ConsumeQueue now.
+    Queue,
+    /// Held until its delivery time.
+    Delayed,
+    /// Held as a half message until its transaction is resolved.
+    Half,
+}
+
+/// The one rule, used when applying and when answering the producer.
+pub fn placement(m: &raftmq_proto::store::StoredMessage) -> Placement {
+    if m.message_type == TRANSACTION_TYPE {
+        Placement::Half
+    } else if m.delivery_timestamp_ms > m.store_timestamp_ms {
+        Placement::Delayed
+    } else {
+        Placement::Queue
+    }
+}
+
+/// apache.rocketmq.v2.MessageType TRANSACTION.
+pub const TRANSACTION_TYPE: i32 = 4;
+
 /// A consumer group's configuration (RocketMQ's subscription group config).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupConf {
@@ -107,6 +215,9 @@ pub enum Response {
     Sent { queue: u32, first_offset: u64, count: u32 },
     /// Messages popped; their receipt handles carry this entry's log index.
     Popped { messages: Vec<Popped> },
+    /// Orphaned half messages checked: the node that holds a producer's
+    /// Telemetry stream asks it to resolve them.
+    Checked { txs: Vec<TxId> },
     /// The command was refused when applied (the same on every node).
     Refused { code: RefusedCode, message: String },
 }
@@ -120,6 +231,10 @@ pub enum RefusedCode {
     BadRequest,
     GroupNotFound,
     ConsumeDisabled,
+    /// EndTransaction for a half message that is unknown or already resolved.
+    TransactionNotFound,
+    /// A filter expression that does not parse.
+    BadFilter,
 }
 
 /// A message batch, decoded without copying message bytes.

@@ -50,6 +50,56 @@ pub struct BrokerConfig {
     pub limits: Limits,
     #[serde(default)]
     pub follower_read: FollowerRead,
+    #[serde(default)]
+    pub transaction: TransactionConfig,
+    #[serde(default)]
+    pub consumer: ConsumerConfig,
+    /// Access control. Default: off.
+    #[serde(default)]
+    pub acl: crate::acl::AclConfig,
+}
+
+/// Transactional messages (RocketMQ's transactionCheckInterval and
+/// transactionCheckMax).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransactionConfig {
+    /// An unresolved half message is checked back with a producer of its
+    /// topic this long after it was stored, then again every interval.
+    /// Default: 30000 ms.
+    pub check_interval_ms: u64,
+    /// Check-backs before an unresolved half message is rolled back.
+    /// Default: 15.
+    pub max_checks: u32,
+}
+
+impl Default for TransactionConfig {
+    fn default() -> Self {
+        Self { check_interval_ms: 30_000, max_checks: 15 }
+    }
+}
+
+/// Consumers: liveness for queue assignment, and invisibility renewal for
+/// push consumers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerConfig {
+    /// A push consumer without a heartbeat for this long loses its queues
+    /// to the others of its group. Default: 30000 ms.
+    pub client_expire_ms: u64,
+    /// The broker keeps renewing the invisibility of a message a push
+    /// consumer holds, while that consumer is alive, up to this long in
+    /// total. Default: 3600000 ms (1 h).
+    pub renew_max_ms: u64,
+    /// Most messages whose invisibility one node renews at once.
+    /// Default: 100000.
+    pub max_renewing: usize,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self { client_expire_ms: 30_000, renew_max_ms: 3_600_000, max_renewing: 100_000 }
+    }
 }
 
 fn default_cluster() -> String {
@@ -108,6 +158,9 @@ pub struct Limits {
     pub max_delivery_attempts: u32,
     /// Default invisible duration when a client sends none. Default: 30000 ms.
     pub default_invisible_ms: u64,
+    /// Latest delivery time a delay message may ask for, from now.
+    /// Default: 86400000 ms (24 h).
+    pub max_delay_ms: u64,
 }
 
 impl Default for Limits {
@@ -119,6 +172,7 @@ impl Default for Limits {
             max_receive_batch: 32,
             max_delivery_attempts: 17,
             default_invisible_ms: 30_000,
+            max_delay_ms: 86_400_000,
         }
     }
 }
@@ -190,6 +244,10 @@ impl BrokerConfig {
         if !(0.0..=1.0).contains(&self.follower_read.lag_memory_ratio) {
             return Err("follower_read.lag_memory_ratio must be in [0, 1]".into());
         }
+        if self.transaction.check_interval_ms < 100 {
+            return Err("transaction.check_interval_ms must be at least 100".into());
+        }
+        crate::acl::Acl::new(&self.acl).map_err(|e| format!("acl: {e}"))?;
         self.log.validate().map_err(|e| format!("log: {e}"))?;
         Ok(())
     }

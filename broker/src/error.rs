@@ -26,6 +26,16 @@ pub enum BrokerError {
     Timeout(String),
     #[error("{0}")]
     Refused(String),
+    #[error("illegal filter expression: {0}")]
+    BadFilter(String),
+    #[error("illegal delivery time: {0}")]
+    BadDeliveryTime(String),
+    #[error("invalid transaction: {0}")]
+    TransactionNotFound(String),
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
 }
 
 impl BrokerError {
@@ -40,6 +50,11 @@ impl BrokerError {
             BrokerError::NoLeader(_) | BrokerError::Unreachable(..) => Code::HaNotAvailable,
             BrokerError::Timeout(_) => Code::ProxyTimeout,
             BrokerError::Refused(_) => Code::BadRequest,
+            BrokerError::BadFilter(_) => Code::IllegalFilterExpression,
+            BrokerError::BadDeliveryTime(_) => Code::IllegalDeliveryTime,
+            BrokerError::TransactionNotFound(_) => Code::InvalidTransactionId,
+            BrokerError::Unauthorized(_) => Code::Unauthorized,
+            BrokerError::Forbidden(_) => Code::Forbidden,
             BrokerError::Corrupt(_) | BrokerError::Storage(_) | BrokerError::Raft(_) => Code::InternalError,
         }
     }
@@ -47,10 +62,18 @@ impl BrokerError {
     pub fn to_status(&self) -> tonic::Status {
         match self {
             BrokerError::TopicNotFound(_) => tonic::Status::not_found(self.to_string()),
-            BrokerError::BadRequest(_) | BrokerError::BodyTooLarge { .. } | BrokerError::InvalidReceiptHandle(_) => {
+            BrokerError::BadRequest(_)
+            | BrokerError::BodyTooLarge { .. }
+            | BrokerError::InvalidReceiptHandle(_)
+            | BrokerError::BadFilter(_)
+            | BrokerError::BadDeliveryTime(_) => {
                 tonic::Status::invalid_argument(self.to_string())
             }
-            BrokerError::Refused(_) => tonic::Status::failed_precondition(self.to_string()),
+            BrokerError::Refused(_) | BrokerError::TransactionNotFound(_) => {
+                tonic::Status::failed_precondition(self.to_string())
+            }
+            BrokerError::Unauthorized(_) => tonic::Status::unauthenticated(self.to_string()),
+            BrokerError::Forbidden(_) => tonic::Status::permission_denied(self.to_string()),
             BrokerError::NoLeader(_) | BrokerError::Unreachable(..) => tonic::Status::unavailable(self.to_string()),
             BrokerError::Timeout(_) => tonic::Status::deadline_exceeded(self.to_string()),
             _ => tonic::Status::internal(self.to_string()),

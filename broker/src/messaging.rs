@@ -32,7 +32,14 @@ use tonic::Request;
 use tonic::Response;
 use tonic::Status;
 
+use crate::acl::Acl;
+use crate::acl::Action;
+use crate::acl::Resource;
+use crate::clients::CLIENT_ID_HEADER;
+use crate::clients::Clients;
 use crate::command::Control;
+use crate::command::FilterSpec;
+use crate::command::Placement;
 use crate::command::Popped;
 use crate::command::RefusedCode;
 use crate::command::{self};
@@ -48,6 +55,17 @@ type PeerClient = pb::messaging_service_client::MessagingServiceClient<tonic::tr
 
 pub struct Messaging {
     pub node: Arc<BrokerNode>,
+    pub clients: Arc<Clients>,
+    pub acl: Arc<Acl>,
+}
+
+/// What a producer learns of one stored message.
+pub struct SendOutcome {
+    pub message_id: String,
+    /// Queue offset; 0 for delayed and half messages (they get theirs later).
+    pub offset: u64,
+    /// Half messages: the id EndTransaction names.
+    pub transaction_id: String,
 }
 
 /// Wall-clock milliseconds (plus the clock-skew test hook's offset).
@@ -113,8 +131,58 @@ pub fn decode_handle(h: &str) -> Result<Handle> {
     Ok(Handle { group, queue, offset, pop_index })
 }
 
-fn is_forwarded<T>(req: &Request<T>) -> bool {
-    req.metadata().contains_key(FORWARDED_HEADER)
+/// The prefix of dead-letter topics.
+pub const DLQ_PREFIX: &str = "%DLQ%";
+
+/// The signature headers of a request (ACL), kept to check it and to pass
+/// it on when forwarding.
+#[derive(Debug, Clone, Default)]
+pub struct Auth {
+    authorization: Option<String>,
+    date_time: Option<String>,
+}
+
+impl Auth {
+    pub fn of<T>(req: &Request<T>) -> Auth {
+        let get = |k: &str| req.metadata().get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+        Auth { authorization: get(crate::acl::AUTHORIZATION_HEADER), date_time: get(crate::acl::DATE_TIME_HEADER) }
+    }
+
+    fn copy_to(&self, md: &mut tonic::metadata::MetadataMap) {
+        for (k, v) in
+            [(crate::acl::AUTHORIZATION_HEADER, &self.authorization), (crate::acl::DATE_TIME_HEADER, &self.date_time)]
+        {
+            if let Some(v) = v.as_ref().and_then(|v| v.parse().ok()) {
+                md.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Where a request comes from: a client, or a node of another group that
+/// forwarded it (with the client's signature headers).
+pub struct Origin {
+    forwarded: bool,
+    auth: Auth,
+}
+
+impl Origin {
+    fn of<T>(req: &Request<T>) -> Origin {
+        Origin { forwarded: req.metadata().contains_key(FORWARDED_HEADER), auth: Auth::of(req) }
+    }
+}
+
+fn client_id_of<T>(req: &Request<T>) -> Option<String> {
+    req.metadata().get(CLIENT_ID_HEADER).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()).map(str::to_string)
+}
+
+/// A receive's filter; a bad one is the client's error.
+fn filter_spec(f: Option<&pb::FilterExpression>) -> Result<Option<FilterSpec>> {
+    let Some(f) = f else { return Ok(None) };
+    let sql = f.r#type == pb::FilterType::Sql as i32;
+    let kind = if sql { crate::filter::FilterKind::Sql } else { crate::filter::FilterKind::Tag };
+    let parsed = crate::filter::Filter::parse(kind, &f.expression).map_err(|e| BrokerError::BadFilter(e.to_string()))?;
+    Ok((!parsed.is_all()).then(|| FilterSpec { sql, expression: f.expression.clone() }))
 }
 
 fn broker_of(mq: Option<&pb::MessageQueue>) -> Option<&str> {
@@ -197,6 +265,41 @@ fn read_total_memory_bytes() -> u64 {
 }
 
 impl Messaging {
+    /// Checks a request's signature and permissions when ACL is on.
+    fn authorize(&self, auth: &Auth, action: Action, resources: &[Resource<'_>]) -> Result<()> {
+        if !self.acl.enabled() {
+            return Ok(());
+        }
+        self.acl
+            .check(auth.authorization.as_deref(), auth.date_time.as_deref(), now_ms(), action, resources)
+            .map(|_| ())
+            .map_err(|e| match e {
+                crate::acl::AclError::Forbidden(m) => BrokerError::Forbidden(m),
+                crate::acl::AclError::Unauthenticated(m) | crate::acl::AclError::Config(m) => {
+                    BrokerError::Unauthorized(m)
+                }
+            })
+    }
+
+    /// The push consumers of `group` heard from within
+    /// `consumer.client_expire_ms` (replicated heartbeats), plus `me`, sorted.
+    fn live_consumers(&self, group: &str, me: &str) -> Vec<String> {
+        let now = now_ms();
+        let expire = self.node.config.consumer.client_expire_ms;
+        let st = self.node.sm.read();
+        let mut live: Vec<String> = st
+            .held
+            .group_clients(group)
+            .filter(|(_, seen)| seen.saturating_add(expire) >= now)
+            .map(|(c, _)| c.to_string())
+            .collect();
+        if !live.iter().any(|c| c == me) {
+            live.push(me.to_string());
+        }
+        live.sort();
+        live
+    }
+
     fn topic_conf_now(&self, topic: &str) -> Result<crate::sm::TopicConf> {
         check_name("topic", topic)?;
         self.node.sm.read().topics.get(topic).cloned().ok_or_else(|| BrokerError::TopicNotFound(topic.to_string()))
@@ -232,7 +335,7 @@ impl Messaging {
         &self,
         group: &str,
         topic: &str,
-        forwarded: bool,
+        forwarded: &Origin,
         req: Req,
         timeout: Option<Duration>,
         call: F,
@@ -242,7 +345,7 @@ impl Messaging {
         F: Fn(PeerClient, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<Response<Resp>, Status>>,
     {
-        if forwarded {
+        if forwarded.forwarded {
             return Err(BrokerError::BadRequest(format!(
                 "a forwarded request for broker group {group} reached group {}",
                 self.node.config.broker_name
@@ -257,6 +360,7 @@ impl Messaging {
             let client = self.node.messaging_client(addr)?;
             let mut r = Request::new(req.clone());
             r.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+            forwarded.auth.copy_to(r.metadata_mut());
             r.set_timeout(timeout.unwrap_or(Duration::from_secs(10)));
             match call(client, r).await {
                 Ok(resp) => return Ok(resp.into_inner()),
@@ -279,7 +383,7 @@ impl Messaging {
     async fn forward_unary<Req, Resp, F, Fut>(
         &self,
         (group, topic): (String, String),
-        forwarded: bool,
+        forwarded: &Origin,
         req: Req,
         call: F,
         on_err: impl FnOnce(pb::Status) -> Resp,
@@ -300,7 +404,7 @@ impl Messaging {
     async fn forward_stream<Req, T, F, Fut>(
         &self,
         (group, topic): (String, String),
-        forwarded: bool,
+        forwarded: &Origin,
         req: Req,
         timeout: Option<Duration>,
         call: F,
@@ -340,6 +444,12 @@ impl Messaging {
         check_name("topic", topic)?;
         let local = self.topic_conf_now(topic).ok();
         let remote = if forwarded { Vec::new() } else { self.node.routes.remote_groups(topic).await };
+        if local.is_none() && remote.is_empty() && topic.starts_with(DLQ_PREFIX) {
+            // A consumer may subscribe to a dead-letter queue before anything
+            // went there: it is this group's, with one queue.
+            let synth = crate::sm::TopicConf { name: topic.to_string(), queues: 1, message_type: 0 };
+            return Ok((Some(synth), remote));
+        }
         if local.is_none() && remote.is_empty() {
             // Maybe just created and not applied here yet.
             return Ok((Some(self.topic_conf(topic).await?), remote));
@@ -398,6 +508,14 @@ impl Messaging {
         if sp.body_encoding == pb::Encoding::Gzip as i32 {
             return Err(BrokerError::BadRequest("gzip bodies are not supported; send IDENTITY".into()));
         }
+        if let Some(t) = sp.delivery_timestamp.as_ref().map(ts_ms)
+            && t > now.saturating_add(self.node.config.limits.max_delay_ms as i64)
+        {
+            return Err(BrokerError::BadDeliveryTime(format!(
+                "delivery time {t} is more than limits.max_delay_ms = {} ms from now",
+                self.node.config.limits.max_delay_ms
+            )));
+        }
         let props_bytes: usize = m.user_properties.iter().map(|(k, v)| k.len() + v.len()).sum();
         if props_bytes > 32 * 1024 {
             return Err(BrokerError::BadRequest(format!("user properties of {props_bytes} bytes exceed 32 KiB")));
@@ -420,8 +538,8 @@ impl Messaging {
         })
     }
 
-    /// Stores messages (all of one topic); returns (message_id, offset) per message, in order.
-    pub async fn send(&self, messages: &[pb::Message]) -> Result<Vec<(String, u64)>> {
+    /// Stores messages (all of one topic); one outcome per message, in order.
+    pub async fn send(&self, messages: &[pb::Message]) -> Result<Vec<SendOutcome>> {
         if messages.is_empty() {
             return Err(BrokerError::BadRequest("no messages".into()));
         }
@@ -440,7 +558,7 @@ impl Messaging {
         let now = now_ms() as i64;
         let rr = self.node.next_round_robin();
         // Queue per message: FIFO groups hash to a fixed queue, others share one.
-        let mut by_queue: HashMap<u32, Vec<(usize, Vec<u8>)>> = HashMap::new();
+        let mut by_queue: HashMap<u32, Vec<(usize, Vec<u8>, Placement)>> = HashMap::new();
         for (i, m) in messages.iter().enumerate() {
             let mut s = self.to_stored(m, now)?;
             let queue = if s.message_group.is_empty() {
@@ -449,18 +567,37 @@ impl Messaging {
                 (crate::cq::tag_hash(&s.message_group) % u64::from(conf.queues)) as u32
             };
             s.queue_id = queue;
-            by_queue.entry(queue).or_default().push((i, s.encode_to_vec()));
+            let placement = command::placement(&s);
+            by_queue.entry(queue).or_default().push((i, s.encode_to_vec(), placement));
         }
-        let mut out = vec![(String::new(), 0u64); messages.len()];
+        let mut out: Vec<SendOutcome> = messages
+            .iter()
+            .map(|m| SendOutcome {
+                message_id: m.system_properties.as_ref().map(|s| s.message_id.clone()).unwrap_or_default(),
+                offset: 0,
+                transaction_id: String::new(),
+            })
+            .collect();
         for (queue, items) in by_queue {
-            let bodies: Vec<Vec<u8>> = items.iter().map(|(_, b)| b.clone()).collect();
-            let (resp, _) = self.node.propose(command::encode_send(&topic, queue, &bodies)).await?;
+            let bodies: Vec<Vec<u8>> = items.iter().map(|(_, b, _)| b.clone()).collect();
+            let (resp, index) = self.node.propose(command::encode_send(&topic, queue, &bodies)).await?;
             match resp {
                 command::Response::Sent { first_offset, .. } => {
-                    for (k, (i, _)) in items.iter().enumerate() {
-                        let id =
-                            messages[*i].system_properties.as_ref().map(|s| s.message_id.clone()).unwrap_or_default();
-                        out[*i] = (id, first_offset + k as u64);
+                    // Offsets go to the messages placed in the queue, in order
+                    // (the state machine applies the same rule).
+                    let mut next = first_offset;
+                    for (slot, (i, _, placement)) in items.iter().enumerate() {
+                        match placement {
+                            Placement::Queue => {
+                                out[*i].offset = next;
+                                next += 1;
+                            }
+                            Placement::Half => {
+                                let tx = command::TxId { index, slot: slot as u32 };
+                                out[*i].transaction_id = crate::clients::encode_tx(&self.node.config.broker_name, tx);
+                            }
+                            Placement::Delayed => {}
+                        }
                     }
                 }
                 command::Response::Refused { code: RefusedCode::TopicNotFound, .. } => {
@@ -475,6 +612,7 @@ impl Messaging {
     }
 
     /// Pops messages for a group, long-polling until `deadline`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn pop(
         &self,
         group: &str,
@@ -483,12 +621,14 @@ impl Messaging {
         max: u32,
         invisible_ms: u64,
         poll: Duration,
+        filter: Option<FilterSpec>,
     ) -> Result<Vec<(Popped, u64, ReadMessage)>> {
         let until = tokio::time::Instant::now() + poll;
+        let default_attempts = self.node.config.limits.max_delivery_attempts;
         loop {
             let now = now_ms();
             let notified = self.node.sm.activity.notified();
-            if self.node.sm.poppable(group, topic, &queues, now) {
+            if self.node.sm.poppable_with(group, topic, &queues, now, filter.as_ref(), default_attempts) {
                 let cmd = Control::Pop {
                     group: group.to_string(),
                     topic: topic.to_string(),
@@ -496,6 +636,8 @@ impl Messaging {
                     max,
                     invisible_ms,
                     now_ms: now,
+                    filter: filter.clone(),
+                    max_attempts: default_attempts,
                 };
                 let (resp, index) = self.node.propose(command::encode_control(&cmd)).await?;
                 match resp {
@@ -531,6 +673,9 @@ impl Messaging {
                     command::Response::Popped { .. } => {}
                     command::Response::Refused { code: RefusedCode::TopicNotFound, .. } => {
                         return Err(BrokerError::TopicNotFound(topic.to_string()));
+                    }
+                    command::Response::Refused { code: RefusedCode::BadFilter, message } => {
+                        return Err(BrokerError::BadFilter(message));
                     }
                     command::Response::Refused { message, .. } => return Err(BrokerError::Refused(message)),
                     other => return Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
@@ -763,8 +908,32 @@ impl MessagingService for Messaging {
 
     async fn heartbeat(
         &self,
-        _req: Request<pb::HeartbeatRequest>,
+        req: Request<pb::HeartbeatRequest>,
     ) -> std::result::Result<Response<pb::HeartbeatResponse>, Status> {
+        let auth = Auth::of(&req);
+        let client_id = client_id_of(&req);
+        let req = req.into_inner();
+        if let Err(e) = self.authorize(&auth, Action::Sub, &[]) {
+            return Ok(Response::new(pb::HeartbeatResponse { status: Some(err_status(&e)) }));
+        }
+        let Some(client_id) = client_id else {
+            return Ok(Response::new(pb::HeartbeatResponse { status: Some(ok()) }));
+        };
+        self.clients.seen(&client_id, req.client_type);
+        // Push consumers' liveness is replicated: any node of the group
+        // computes the same assignment.
+        let group = req.group.as_ref().map(|g| g.name.clone()).filter(|g| !g.is_empty());
+        if req.client_type == pb::ClientType::PushConsumer as i32
+            && let Some(group) = group
+            && check_name("consumer group", &group).is_ok()
+            && self.clients.should_record_heartbeat(&group, &client_id)
+        {
+            let cmd = Control::ClientHeartbeat { group: group.clone(), client_id: client_id.clone(), now_ms: now_ms() };
+            if let Err(e) = self.node.propose(command::encode_control(&cmd)).await {
+                self.clients.forget_heartbeat(&group, &client_id);
+                return Ok(Response::new(pb::HeartbeatResponse { status: Some(err_status(&e)) }));
+            }
+        }
         Ok(Response::new(pb::HeartbeatResponse { status: Some(ok()) }))
     }
 
@@ -772,14 +941,20 @@ impl MessagingService for Messaging {
         &self,
         req: Request<pb::SendMessageRequest>,
     ) -> std::result::Result<Response<pb::SendMessageResponse>, Status> {
-        let forwarded = is_forwarded(&req);
+        let forwarded = Origin::of(&req);
         let timeout = grpc_timeout(&req);
         let req = req.into_inner();
-        let target = match self.send_target(&req.messages, forwarded).await {
+        let topic0 = req.messages.first().and_then(|m| m.topic.as_ref()).map(|t| t.name.clone()).unwrap_or_default();
+        let allowed = self.authorize(&forwarded.auth, Action::Pub, &[Resource::Topic(&topic0)]);
+        let target = match allowed.map(|_| self.send_target(&req.messages, forwarded.forwarded)) {
+            Err(e) => Err(e),
+            Ok(fut) => fut.await,
+        };
+        let target = match target {
             Ok(Some(group)) => {
                 let topic = req.messages[0].topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
                 let call = |mut c: PeerClient, r| async move { c.send_message(r).await };
-                self.forward(&group, &topic, forwarded, req.clone(), timeout, call).await.map(Some)
+                self.forward(&group, &topic, &forwarded, req.clone(), timeout, call).await.map(Some)
             }
             Ok(None) => Ok(None),
             Err(e) => Err(e),
@@ -799,11 +974,11 @@ impl MessagingService for Messaging {
                 status: Some(ok()),
                 entries: results
                     .into_iter()
-                    .map(|(message_id, offset)| pb::SendResultEntry {
+                    .map(|o| pb::SendResultEntry {
                         status: Some(ok()),
-                        message_id,
-                        transaction_id: String::new(),
-                        offset: offset as i64,
+                        message_id: o.message_id,
+                        transaction_id: o.transaction_id,
+                        offset: o.offset as i64,
                         recall_handle: String::new(),
                     })
                     .collect(),
@@ -826,12 +1001,35 @@ impl MessagingService for Messaging {
         &self,
         req: Request<pb::QueryAssignmentRequest>,
     ) -> std::result::Result<Response<pb::QueryAssignmentResponse>, Status> {
+        let auth = Auth::of(&req);
+        let client_id = client_id_of(&req);
         let req = req.into_inner();
+        let group = match group_name(&req.group).and_then(|g| {
+            let topic = req.topic.as_ref().map(|t| t.name.as_str()).unwrap_or_default();
+            self.authorize(&auth, Action::Sub, &[Resource::Topic(topic), Resource::Group(&g)]).map(|_| g)
+        }) {
+            Ok(g) => g,
+            Err(e) => {
+                return Ok(Response::new(pb::QueryAssignmentResponse { status: Some(err_status(&e)), assignments: vec![] }));
+            }
+        };
         let route = self
             .query_route(Request::new(pb::QueryRouteRequest { topic: req.topic, endpoints: req.endpoints }))
             .await?
             .into_inner();
-        let assignments = route.message_queues.into_iter().map(|q| pb::Assignment { message_queue: Some(q) }).collect();
+        let mut queues = route.message_queues;
+        queues.sort_by(|a, b| (broker_of(Some(a)), a.id).cmp(&(broker_of(Some(b)), b.id)));
+        // RocketMQ's averagely strategy over the group's live consumers:
+        // every queue to exactly one, reassigned when one leaves or dies.
+        let mine: Vec<pb::MessageQueue> = match client_id {
+            None => queues,
+            Some(me) => {
+                let consumers = self.live_consumers(&group, &me);
+                let picked = crate::clients::allocate_averagely(queues.len(), &consumers, &me);
+                picked.into_iter().map(|i| queues[i].clone()).collect()
+            }
+        };
+        let assignments = mine.into_iter().map(|q| pb::Assignment { message_queue: Some(q) }).collect();
         Ok(Response::new(pb::QueryAssignmentResponse { status: route.status, assignments }))
     }
 
@@ -840,21 +1038,38 @@ impl MessagingService for Messaging {
         req: Request<pb::ReceiveMessageRequest>,
     ) -> std::result::Result<Response<Self::ReceiveMessageStream>, Status> {
         let deadline = grpc_timeout(&req);
-        let forwarded = is_forwarded(&req);
+        let forwarded = Origin::of(&req);
+        let auth = Auth::of(&req);
+        let client_id = client_id_of(&req);
         let namespace = req.get_ref().group.as_ref().map(|g| g.resource_namespace.clone()).unwrap_or_default();
         let req = req.into_inner();
         if let Some(target) = self.remote_queue(req.message_queue.as_ref()) {
             let call = |mut c: PeerClient, r| async move { c.receive_message(r).await };
             let status =
                 |s| pb::ReceiveMessageResponse { content: Some(pb::receive_message_response::Content::Status(s)) };
-            return Ok(self.forward_stream(target, forwarded, req, deadline, call, status).await);
+            return Ok(self.forward_stream(target, &forwarded, req, deadline, call, status).await);
         }
         let limits = &self.node.config.limits;
+        let client_id = client_id.unwrap_or_default();
         let result: Result<Vec<pb::ReceiveMessageResponse>> = async {
             let group = group_name(&req.group)?;
             let mq = req.message_queue.as_ref();
             let topic = mq.and_then(|q| q.topic.as_ref()).map(|t| t.name.clone()).unwrap_or_default();
-            let conf = self.topic_conf(&topic).await?;
+            self.authorize(&auth, Action::Sub, &[Resource::Topic(&topic), Resource::Group(&group)])?;
+            let filter = filter_spec(req.filter_expression.as_ref())?;
+            let conf = match self.topic_conf(&topic).await {
+                // A dead-letter queue nothing went to yet: empty.
+                Err(BrokerError::TopicNotFound(_)) if topic.starts_with(DLQ_PREFIX) => {
+                    tokio::time::sleep(Duration::from_millis(limits.max_long_polling_ms.min(2000))).await;
+                    return Ok(vec![pb::ReceiveMessageResponse {
+                        content: Some(pb::receive_message_response::Content::Status(code_status(
+                            Code::MessageNotFound,
+                            "no new message",
+                        ))),
+                    }]);
+                }
+                other => other?,
+            };
             let queues = self.queues_for(&conf, mq)?;
             let max = (req.batch_size.max(1) as u32).min(limits.max_receive_batch);
             let invisible_ms = req.invisible_duration.as_ref().map(dur_ms).unwrap_or(limits.default_invisible_ms);
@@ -866,7 +1081,10 @@ impl MessagingService for Messaging {
             if let Some(d) = deadline {
                 poll = poll.min((d.as_millis() as u64).saturating_sub(300));
             }
-            let got = self.pop(&group, &topic, queues, max, invisible_ms, Duration::from_millis(poll)).await?;
+            let got =
+                self.pop(&group, &topic, queues, max, invisible_ms, Duration::from_millis(poll), filter).await?;
+            // A push consumer's messages stay invisible while it is alive.
+            let push = self.clients.client_type(&client_id) == Some(pb::ClientType::PushConsumer as i32);
             let advertised = self.advertised();
             let mut out = Vec::with_capacity(got.len() + 2);
             out.push(pb::ReceiveMessageResponse {
@@ -876,8 +1094,23 @@ impl MessagingService for Messaging {
                     ok()
                 })),
             });
+            let started_ms = now_ms();
             for (p, index, r) in got {
                 let handle = encode_handle(&self.node.config.broker_name, p.queue, p.offset, index);
+                if push {
+                    let renewal = crate::clients::Renewal {
+                        client_id: client_id.clone(),
+                        group: group.clone(),
+                        topic: topic.clone(),
+                        queue: p.queue,
+                        offset: p.offset,
+                        pop_index: index,
+                        invisible_ms,
+                        visible_at_ms: started_ms + invisible_ms,
+                        started_ms,
+                    };
+                    self.clients.track(handle.clone(), renewal, self.node.config.consumer.max_renewing);
+                }
                 let mut m = to_v2_message(
                     &r.message,
                     &namespace,
@@ -913,7 +1146,7 @@ impl MessagingService for Messaging {
         &self,
         req: Request<pb::AckMessageRequest>,
     ) -> std::result::Result<Response<pb::AckMessageResponse>, Status> {
-        let forwarded = is_forwarded(&req);
+        let forwarded = Origin::of(&req);
         let req = req.into_inner();
         let group = match group_name(&req.group) {
             Ok(g) => g,
@@ -922,6 +1155,10 @@ impl MessagingService for Messaging {
             }
         };
         let topic = req.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+        if let Err(e) = self.authorize(&forwarded.auth, Action::Sub, &[Resource::Topic(&topic), Resource::Group(&group)])
+        {
+            return Ok(Response::new(pb::AckMessageResponse { status: Some(err_status(&e)), entries: vec![] }));
+        }
         let mut entries = Vec::with_capacity(req.entries.len());
         let mut first_err: Option<pb::Status> = None;
         for e in &req.entries {
@@ -933,7 +1170,7 @@ impl MessagingService for Messaging {
                         tonic::transport::Channel,
                     >,
                                 r| async move { c.ack_message(r).await };
-                    let reply = self.forward(&remote, &topic, forwarded, one, None, call).await?;
+                    let reply = self.forward(&remote, &topic, &forwarded, one, None, call).await?;
                     let status = reply.entries.first().and_then(|x| x.status.clone()).or(reply.status);
                     return match status {
                         Some(s) if s.code != Code::Ok as i32 => Err(BrokerError::Refused(s.message)),
@@ -941,6 +1178,7 @@ impl MessagingService for Messaging {
                     };
                 }
                 let (queue, offset, pop_index) = (h.queue, h.offset, h.pop_index);
+                self.clients.untrack(&e.receipt_handle);
                 let cmd = Control::Ack { group: group.clone(), topic: topic.clone(), queue, offset, pop_index };
                 match self.node.propose(command::encode_control(&cmd)).await?.0 {
                     command::Response::Done => Ok(()),
@@ -971,10 +1209,39 @@ impl MessagingService for Messaging {
 
     async fn forward_message_to_dead_letter_queue(
         &self,
-        _req: Request<pb::ForwardMessageToDeadLetterQueueRequest>,
+        req: Request<pb::ForwardMessageToDeadLetterQueueRequest>,
     ) -> std::result::Result<Response<pb::ForwardMessageToDeadLetterQueueResponse>, Status> {
+        let forwarded = Origin::of(&req);
+        let req = req.into_inner();
+        let topic = req.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+        if let Ok(h) = decode_handle(&req.receipt_handle)
+            && let Some(group) = self.remote(Some(&h.group))
+        {
+            let call = |mut c: PeerClient, r| async move { c.forward_message_to_dead_letter_queue(r).await };
+            let on_err = |s| pb::ForwardMessageToDeadLetterQueueResponse { status: Some(s) };
+            return Ok(self.forward_unary((group, topic), &forwarded, req, call, on_err).await);
+        }
+        let r: Result<()> = async {
+            let group = group_name(&req.group)?;
+            self.authorize(&forwarded.auth, Action::Sub, &[Resource::Topic(&topic), Resource::Group(&group)])?;
+            let Handle { queue, offset, pop_index, .. } = decode_handle(&req.receipt_handle)?;
+            self.clients.untrack(&req.receipt_handle);
+            let cmd = Control::ToDeadLetter { group, topic: topic.clone(), queue, offset, pop_index };
+            match self.node.propose(command::encode_control(&cmd)).await?.0 {
+                command::Response::Done => Ok(()),
+                command::Response::Refused { code: RefusedCode::InvalidReceiptHandle, message } => {
+                    Err(BrokerError::InvalidReceiptHandle(message))
+                }
+                command::Response::Refused { message, .. } => Err(BrokerError::Refused(message)),
+                other => Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
+            }
+        }
+        .await;
         Ok(Response::new(pb::ForwardMessageToDeadLetterQueueResponse {
-            status: Some(code_status(Code::NotImplemented, "dead-letter queues are not implemented yet")),
+            status: Some(match r {
+                Ok(()) => ok(),
+                Err(e) => err_status(&e),
+            }),
         }))
     }
 
@@ -982,13 +1249,13 @@ impl MessagingService for Messaging {
         &self,
         req: Request<pb::PullMessageRequest>,
     ) -> std::result::Result<Response<Self::PullMessageStream>, Status> {
-        let forwarded = is_forwarded(&req);
+        let forwarded = Origin::of(&req);
         let timeout = grpc_timeout(&req);
         let req = req.into_inner();
         if let Some(target) = self.remote_queue(req.message_queue.as_ref()) {
             let call = |mut c: PeerClient, r| async move { c.pull_message(r).await };
             let status = |s| pb::PullMessageResponse { content: Some(pb::pull_message_response::Content::Status(s)) };
-            return Ok(self.forward_stream(target, forwarded, req, timeout, call, status).await);
+            return Ok(self.forward_stream(target, &forwarded, req, timeout, call, status).await);
         }
         let advertised = self.advertised();
         let result: Result<Vec<pb::PullMessageResponse>> = async {
@@ -1060,12 +1327,12 @@ impl MessagingService for Messaging {
         &self,
         req: Request<pb::UpdateOffsetRequest>,
     ) -> std::result::Result<Response<pb::UpdateOffsetResponse>, Status> {
-        let forwarded = is_forwarded(&req);
+        let forwarded = Origin::of(&req);
         let req = req.into_inner();
         if let Some(target) = self.remote_queue(req.message_queue.as_ref()) {
             let call = |mut c: PeerClient, r| async move { c.update_offset(r).await };
             return Ok(self
-                .forward_unary(target, forwarded, req, call, |s| pb::UpdateOffsetResponse { status: Some(s) })
+                .forward_unary(target, &forwarded, req, call, |s| pb::UpdateOffsetResponse { status: Some(s) })
                 .await);
         }
         let r: Result<()> = async {
@@ -1095,12 +1362,12 @@ impl MessagingService for Messaging {
         &self,
         req: Request<pb::GetOffsetRequest>,
     ) -> std::result::Result<Response<pb::GetOffsetResponse>, Status> {
-        let forwarded = is_forwarded(&req);
+        let forwarded = Origin::of(&req);
         let req = req.into_inner();
         if let Some(target) = self.remote_queue(req.message_queue.as_ref()) {
             let call = |mut c: PeerClient, r| async move { c.get_offset(r).await };
             return Ok(self
-                .forward_unary(target, forwarded, req, call, |s| pb::GetOffsetResponse { status: Some(s), offset: 0 })
+                .forward_unary(target, &forwarded, req, call, |s| pb::GetOffsetResponse { status: Some(s), offset: 0 })
                 .await);
         }
         let r: Result<u64> = async {
@@ -1124,12 +1391,12 @@ impl MessagingService for Messaging {
         &self,
         req: Request<pb::QueryOffsetRequest>,
     ) -> std::result::Result<Response<pb::QueryOffsetResponse>, Status> {
-        let forwarded = is_forwarded(&req);
+        let forwarded = Origin::of(&req);
         let req = req.into_inner();
         if let Some(target) = self.remote_queue(req.message_queue.as_ref()) {
             let call = |mut c: PeerClient, r| async move { c.query_offset(r).await };
             return Ok(self
-                .forward_unary(target, forwarded, req, call, |s| pb::QueryOffsetResponse { status: Some(s), offset: 0 })
+                .forward_unary(target, &forwarded, req, call, |s| pb::QueryOffsetResponse { status: Some(s), offset: 0 })
                 .await);
         }
         let r: Result<u64> = (|| {
@@ -1169,10 +1436,48 @@ impl MessagingService for Messaging {
 
     async fn end_transaction(
         &self,
-        _req: Request<pb::EndTransactionRequest>,
+        req: Request<pb::EndTransactionRequest>,
     ) -> std::result::Result<Response<pb::EndTransactionResponse>, Status> {
+        let forwarded = Origin::of(&req);
+        let req = req.into_inner();
+        let topic = req.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+        let decoded = crate::clients::decode_tx(&req.transaction_id);
+        if let Some((group, _)) = &decoded
+            && let Some(group) = self.remote(Some(group))
+        {
+            let call = |mut c: PeerClient, r| async move { c.end_transaction(r).await };
+            let on_err = |s| pb::EndTransactionResponse { status: Some(s) };
+            return Ok(self.forward_unary((group, topic), &forwarded, req, call, on_err).await);
+        }
+        let r: Result<()> = async {
+            self.authorize(&forwarded.auth, Action::Pub, &[Resource::Topic(&topic)])?;
+            let (_, tx) = decoded.ok_or_else(|| {
+                BrokerError::TransactionNotFound(format!("{:?} is not a transaction id of this cluster", req.transaction_id))
+            })?;
+            let commit = match pb::TransactionResolution::try_from(req.resolution) {
+                Ok(pb::TransactionResolution::Commit) => true,
+                Ok(pb::TransactionResolution::Rollback) => false,
+                _ => return Err(BrokerError::BadRequest("resolution must be COMMIT or ROLLBACK".into())),
+            };
+            let cmd = Control::EndTransaction { tx, commit, now_ms: now_ms() };
+            match self.node.propose(command::encode_control(&cmd)).await?.0 {
+                command::Response::Done => {
+                    tracing::debug!(transaction = %req.transaction_id, commit, source = req.source, "transaction ended");
+                    Ok(())
+                }
+                command::Response::Refused { code: RefusedCode::TransactionNotFound, message } => {
+                    Err(BrokerError::TransactionNotFound(message))
+                }
+                command::Response::Refused { message, .. } => Err(BrokerError::Refused(message)),
+                other => Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
+            }
+        }
+        .await;
         Ok(Response::new(pb::EndTransactionResponse {
-            status: Some(code_status(Code::NotImplemented, "transactional messages are not implemented yet")),
+            status: Some(match r {
+                Ok(()) => ok(),
+                Err(e) => err_status(&e),
+            }),
         }))
     }
 
@@ -1180,20 +1485,32 @@ impl MessagingService for Messaging {
         &self,
         req: Request<tonic::Streaming<pb::TelemetryCommand>>,
     ) -> std::result::Result<Response<Self::TelemetryStream>, Status> {
+        let client_id = client_id_of(&req);
+        let auth = Auth::of(&req);
+        if let Err(e) = self.authorize(&auth, Action::Sub, &[]) {
+            return Err(e.to_status());
+        }
         let mut inbound = req.into_inner();
-        let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<pb::TelemetryCommand, Status>>(16);
-        let this = Messaging { node: self.node.clone() };
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<pb::TelemetryCommand, Status>>(64);
+        let this = Messaging { node: self.node.clone(), clients: self.clients.clone(), acl: self.acl.clone() };
         tokio::spawn(async move {
+            let mut stream_id = None;
             while let Ok(Some(cmd)) = inbound.message().await {
                 if let Some(pb::telemetry_command::Command::Settings(s)) = cmd.command {
+                    if let Some(id) = &client_id {
+                        stream_id = Some(this.clients.settings(id, &s, tx.clone()));
+                    }
                     let reply = pb::TelemetryCommand {
                         status: Some(ok()),
                         command: Some(pb::telemetry_command::Command::Settings(this.settings_reply(&s))),
                     };
                     if tx.send(Ok(reply)).await.is_err() {
-                        return;
+                        break;
                     }
                 }
+            }
+            if let (Some(id), Some(sid)) = (&client_id, stream_id) {
+                this.clients.stream_closed(id, sid);
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
@@ -1201,8 +1518,23 @@ impl MessagingService for Messaging {
 
     async fn notify_client_termination(
         &self,
-        _req: Request<pb::NotifyClientTerminationRequest>,
+        req: Request<pb::NotifyClientTerminationRequest>,
     ) -> std::result::Result<Response<pb::NotifyClientTerminationResponse>, Status> {
+        let client_id = client_id_of(&req);
+        let req = req.into_inner();
+        let Some(client_id) = client_id else {
+            return Ok(Response::new(pb::NotifyClientTerminationResponse { status: Some(ok()) }));
+        };
+        let was_push = self.clients.client_type(&client_id) == Some(pb::ClientType::PushConsumer as i32);
+        self.clients.remove(&client_id);
+        let group = req.group.as_ref().map(|g| g.name.clone()).filter(|g| !g.is_empty());
+        if was_push && let Some(group) = group {
+            self.clients.forget_heartbeat(&group, &client_id);
+            let cmd = Control::ClientGone { group, client_id };
+            if let Err(e) = self.node.propose(command::encode_control(&cmd)).await {
+                return Ok(Response::new(pb::NotifyClientTerminationResponse { status: Some(err_status(&e)) }));
+            }
+        }
         Ok(Response::new(pb::NotifyClientTerminationResponse { status: Some(ok()) }))
     }
 
@@ -1210,7 +1542,7 @@ impl MessagingService for Messaging {
         &self,
         req: Request<pb::ChangeInvisibleDurationRequest>,
     ) -> std::result::Result<Response<pb::ChangeInvisibleDurationResponse>, Status> {
-        let forwarded = is_forwarded(&req);
+        let forwarded = Origin::of(&req);
         let req = req.into_inner();
         if let Ok(h) = decode_handle(&req.receipt_handle)
             && let Some(group) = self.remote(Some(&h.group))
@@ -1218,12 +1550,14 @@ impl MessagingService for Messaging {
             let topic = req.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
             let call = |mut c: PeerClient, r| async move { c.change_invisible_duration(r).await };
             let on_err = |s| pb::ChangeInvisibleDurationResponse { status: Some(s), receipt_handle: String::new() };
-            return Ok(self.forward_unary((group, topic), forwarded, req, call, on_err).await);
+            return Ok(self.forward_unary((group, topic), &forwarded, req, call, on_err).await);
         }
         let r: Result<String> = async {
             let group = group_name(&req.group)?;
             let topic = req.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+            self.authorize(&forwarded.auth, Action::Sub, &[Resource::Topic(&topic), Resource::Group(&group)])?;
             let Handle { queue, offset, pop_index, .. } = decode_handle(&req.receipt_handle)?;
+            self.clients.untrack(&req.receipt_handle);
             let invisible_ms = req.invisible_duration.as_ref().map(dur_ms).unwrap_or(0);
             if invisible_ms > 12 * 3600 * 1000 {
                 return Err(BrokerError::BadRequest(format!("invisible duration {invisible_ms} ms above 12 h")));

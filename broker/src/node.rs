@@ -63,6 +63,11 @@ pub struct BrokerNode {
     started: Instant,
 }
 
+/// How often the leader looks for due delayed messages and half messages
+/// due for a check-back: a delayed message becomes visible within about
+/// this (plus one commit) of its time.
+const TIMER_TICK: Duration = Duration::from_millis(20);
+
 /// How long a proposal keeps retrying while there is no leader.
 const PROPOSE_PATIENCE: Duration = Duration::from_secs(8);
 
@@ -181,6 +186,19 @@ impl BrokerNode {
         });
         let weak = Arc::downgrade(&node);
         tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TIMER_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_check = Instant::now() - Duration::from_secs(60);
+            loop {
+                tick.tick().await;
+                let Some(n) = weak.upgrade() else { return };
+                if n.is_leader() {
+                    n.run_timers(&mut last_check).await;
+                }
+            }
+        });
+        let weak = Arc::downgrade(&node);
+        tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
@@ -193,6 +211,33 @@ impl BrokerNode {
             }
         });
         Ok(node)
+    }
+
+    /// The leader's timers: releases due delayed messages and counts the
+    /// check-backs of orphaned half messages (at most one such entry per
+    /// second). Both carry the leader's clock, so every node applies the
+    /// same result.
+    async fn run_timers(&self, last_check: &mut Instant) {
+        let now = crate::messaging::now_ms();
+        let tx = &self.config.transaction;
+        let (next_due, check_due) = self.sm.timers(now, tx.check_interval_ms);
+        if next_due.is_some_and(|d| d <= now) {
+            let cmd = crate::command::Control::Deliver { now_ms: now };
+            if let Err(e) = self.propose_local(crate::command::encode_control(&cmd)).await {
+                tracing::debug!(error = %e, "releasing delayed messages");
+            }
+        }
+        if check_due && last_check.elapsed() >= Duration::from_secs(1) {
+            *last_check = Instant::now();
+            let cmd = crate::command::Control::CheckTransactions {
+                now_ms: now,
+                interval_ms: tx.check_interval_ms,
+                max_checks: tx.max_checks,
+            };
+            if let Err(e) = self.propose_local(crate::command::encode_control(&cmd)).await {
+                tracing::debug!(error = %e, "checking half messages");
+            }
+        }
     }
 
     pub fn id(&self) -> u64 {
@@ -336,7 +381,9 @@ impl BrokerNode {
     /// needs them later gets that snapshot), has openraft purge them, then
     /// removes the files. Returns the last entry removed.
     pub async fn run_retention(&self) -> Result<Option<u64>> {
-        let needed_from = self.sm.applied_index() + 1;
+        // Delayed and half messages stay where they were written: the log
+        // is kept from the oldest of them.
+        let needed_from = (self.sm.applied_index() + 1).min(self.sm.held_min_index().unwrap_or(u64::MAX));
         let log = self.log.clone();
         let point = tokio::task::spawn_blocking(move || log.retention_point(std::time::SystemTime::now(), needed_from))
             .await

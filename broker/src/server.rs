@@ -20,7 +20,10 @@ pub async fn serve(
     addr: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let messaging = MessagingServiceServer::new(Messaging { node: node.clone() })
+    let clients = Arc::new(crate::clients::Clients::default());
+    crate::clients::spawn_tasks(node.clone(), clients.clone());
+    let acl = Arc::new(crate::acl::Acl::new(&node.config.acl)?);
+    let messaging = MessagingServiceServer::new(Messaging { node: node.clone(), clients, acl })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let admin = AdminServiceServer::new(Admin { node: node.clone() })

@@ -14,6 +14,7 @@
 //! a ConsumeQueue ever sees an entry past the commit index.
 
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::io;
@@ -43,12 +44,22 @@ use crate::command::Control;
 use crate::command::GroupConf;
 use crate::command::Popped;
 use crate::command::RefusedCode;
+use crate::command::Placement;
 use crate::command::Response;
+use crate::command::TxId;
+use crate::filter::Filter;
+use crate::filter::FilterKind;
 use crate::cq::ConsumeQueue;
 use crate::cq::CqRecord;
 use crate::cq::tag_hash;
 use crate::error::BrokerError;
 use crate::error::Result;
+use crate::held::DeadOrigin;
+use crate::held::Half;
+use crate::held::Held;
+use crate::held::HeldMessage;
+use crate::pop::MsgInfo;
+use crate::pop::PopRules;
 use crate::snapshot;
 use crate::snapshot::SnapState;
 use crate::snapshot::SnapshotDir;
@@ -81,12 +92,17 @@ pub struct GroupQueue {
     /// Next offset a pop hands out for the first time.
     pub pop_offset: u64,
     pub inflight: BTreeMap<u64, Inflight>,
+    /// FIFO: offsets below `pop_offset` passed over because their message
+    /// group had a message in flight; delivered before newer ones.
+    #[serde(default)]
+    pub held: BTreeSet<u64>,
 }
 
 impl GroupQueue {
-    fn recompute_committed(&mut self) {
-        let low = self.inflight.keys().next().copied().unwrap_or(self.pop_offset);
-        self.committed = self.committed.max(low.min(self.pop_offset));
+    pub(crate) fn recompute_committed(&mut self) {
+        let inflight = self.inflight.keys().next().copied().unwrap_or(self.pop_offset);
+        let held = self.held.iter().next().copied().unwrap_or(self.pop_offset);
+        self.committed = self.committed.max(inflight.min(held).min(self.pop_offset));
     }
 }
 
@@ -103,6 +119,8 @@ pub struct SmState {
     pub group_confs: BTreeMap<String, GroupConf>,
     pub queues: HashMap<QueueKey, ConsumeQueue>,
     pub groups: HashMap<GroupKey, GroupQueue>,
+    /// Delayed and half messages, dead-letter origins, live consumers.
+    pub held: Held,
     dirty_topics: HashSet<String>,
     deleted_topics: HashSet<String>,
     dirty_queues: HashSet<QueueKey>,
@@ -137,6 +155,9 @@ pub struct SmShared {
     applied_tx: tokio::sync::watch::Sender<u64>,
     /// Woken whenever messages are applied or invisibility may have expired.
     pub activity: tokio::sync::Notify,
+    /// Half messages each CheckTransactions entry checked, as applied here:
+    /// the node holding a producer's Telemetry stream asks it to resolve them.
+    pub tx_checks: tokio::sync::broadcast::Sender<Vec<TxId>>,
     snapshots: snapshot::Store,
 }
 
@@ -189,6 +210,40 @@ fn dec<T: for<'de> Deserialize<'de>>(what: &[u8], b: &[u8]) -> Result<T> {
         .map_err(|e| BrokerError::Corrupt(format!("state {:?}: {e}", String::from_utf8_lossy(what))))
 }
 
+/// The dead-letter topic of a consumer group.
+pub fn dlq_topic(group: &str) -> String {
+    format!("%DLQ%{group}")
+}
+
+fn parse_filter(f: &command::FilterSpec) -> std::result::Result<Filter, String> {
+    let kind = if f.sql { FilterKind::Sql } else { FilterKind::Tag };
+    Filter::parse(kind, &f.expression).map_err(|e| e.to_string())
+}
+
+/// The group's maximum of delivery attempts: its config, else the
+/// proposer's default, else RocketMQ's 17.
+fn max_attempts_of(conf: Option<&GroupConf>, default: u32) -> u32 {
+    conf.map(|c| c.max_delivery_attempts).filter(|m| *m > 0).unwrap_or(if default == 0 { 17 } else { default })
+}
+
+/// Index rows of a message in its queue: by key (`k/<topic>\0<key>\0`) and
+/// by id (`k/\x01<id>\0<topic>\0`), each ending with queue and offset.
+fn index_message(keys: &mut rocksdb::WriteBatch, topic: &str, queue: u32, offset: u64, m: &StoredMessage) {
+    for k in &m.keys {
+        keys.put(k_key_index(topic, k, queue, offset), b"");
+    }
+    if !m.message_id.is_empty() {
+        keys.put(k_id_index(&m.message_id, topic, queue, offset), b"");
+    }
+}
+
+fn k_id_index(id: &str, topic: &str, queue: u32, offset: u64) -> Vec<u8> {
+    let mut k = format!("k/\x01{id}\0{topic}\0").into_bytes();
+    k.extend_from_slice(&queue.to_be_bytes());
+    k.extend_from_slice(&offset.to_be_bytes());
+    k
+}
+
 /// Checks a topic or group name: RocketMQ's `^[%|a-zA-Z0-9_-]+$`, at most 127 chars.
 pub fn check_name(kind: &str, name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 127 {
@@ -227,6 +282,12 @@ impl StateMachineStore {
             let g: GroupConf = dec(&k, &v)?;
             st.group_confs.insert(g.name.clone(), g);
         }
+        for prefix in crate::held::PREFIXES {
+            for item in rows(&db, prefix) {
+                let (k, v) = item?;
+                st.held.load_row(&k, &v)?;
+            }
+        }
         let mut lengths: HashMap<QueueKey, u64> = HashMap::new();
         for item in rows(&db, b"q/") {
             let (k, v) = item?;
@@ -264,6 +325,7 @@ impl StateMachineStore {
                 checkpoint_lock: std::sync::Mutex::new(()),
                 applied_tx,
                 activity: tokio::sync::Notify::new(),
+                tx_checks: tokio::sync::broadcast::channel(64).0,
                 snapshots: snapshot::Store::new(dir.join("snapshots"))?,
             }),
         })
@@ -334,6 +396,12 @@ impl SmShared {
                     None => batch.delete(k_group(&key)),
                 }
             }
+            for (k, v) in st.held.take_dirty() {
+                match v {
+                    Some(v) => batch.put(k, v),
+                    None => batch.delete(k),
+                }
+            }
             batch.put(K_APPLIED, enc(&st.last_applied));
             batch.put(K_MEMBERSHIP, enc(&st.membership));
             let removals: Vec<PathBuf> = std::mem::take(&mut st.pending_removals)
@@ -399,18 +467,6 @@ impl SmShared {
         st.queues.get(&(topic.to_string(), queue)).map(|q| (q.first_offset_at_or_after(floor), q.max_offset()))
     }
 
-    /// Whether a pop of `group` on these queues would find anything at `now_ms`.
-    pub fn poppable(&self, group: &str, topic: &str, queues: &[u32], now_ms: u64) -> bool {
-        let st = self.read();
-        queues.iter().any(|&q| {
-            let max = st.queues.get(&(topic.to_string(), q)).map(|c| c.max_offset()).unwrap_or(0);
-            match st.groups.get(&(group.to_string(), topic.to_string(), q)) {
-                None => max > 0,
-                Some(g) => g.pop_offset < max || g.inflight.values().any(|i| i.visible_at_ms <= now_ms),
-            }
-        })
-    }
-
     /// Earliest time an in-flight message of these queues becomes visible.
     pub fn next_visible_ms(&self, group: &str, topic: &str, queues: &[u32]) -> Option<u64> {
         let st = self.read();
@@ -419,6 +475,63 @@ impl SmShared {
             .filter_map(|&q| st.groups.get(&(group.to_string(), topic.to_string(), q)))
             .flat_map(|g| g.inflight.values().map(|i| i.visible_at_ms))
             .min()
+    }
+
+    /// (topic, queue, offset) of messages with this id (a resent or
+    /// duplicated message may be stored more than once), at most `limit`.
+    pub fn find_by_id(&self, id: &str, limit: usize) -> Result<Vec<(String, u32, u64)>> {
+        let prefix = format!("k/\x01{id}\0").into_bytes();
+        let mut out = Vec::new();
+        for item in rows(&self.db, &prefix) {
+            let (k, _) = item?;
+            if out.len() >= limit {
+                break;
+            }
+            let rest = &k[prefix.len()..];
+            let Some(zero) = rest.iter().position(|b| *b == 0) else { continue };
+            let loc = &rest[zero + 1..];
+            if loc.len() == 12 {
+                let topic = String::from_utf8_lossy(&rest[..zero]).to_string();
+                let q = u32::from_be_bytes(loc[0..4].try_into().expect("4"));
+                let o = u64::from_be_bytes(loc[4..12].try_into().expect("8"));
+                out.push((topic, q, o));
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the next delayed message is due, and whether a half message is
+    /// due for a check-back at `now_ms` (the leader's timers).
+    pub fn timers(&self, now_ms: u64, check_interval_ms: u64) -> (Option<u64>, bool) {
+        let st = self.read();
+        let check = st.held.halves.values().any(|h| Held::check_due_ms(h, check_interval_ms) <= now_ms);
+        (st.held.next_due_ms(), check)
+    }
+
+    /// The lowest log index a held (delayed or half) message sits in.
+    pub fn held_min_index(&self) -> Option<u64> {
+        self.read().held.min_index()
+    }
+
+    /// A held half message, for a check-back.
+    pub fn half(&self, tx: &TxId) -> Option<(HeldMessage, StoredMessage)> {
+        let h = self.read().held.halves.get(tx)?.msg.clone();
+        let m = self.stored_at(h.pos, h.size)?;
+        Some((h, m))
+    }
+
+    /// A group's dead letters from `from`: (offset, origin, message).
+    pub fn dead_letters(&self, group: &str, from: u64, max: usize) -> Result<(Vec<(u64, DeadOrigin, ReadMessage)>, u64)> {
+        let dlq = dlq_topic(group);
+        let end = self.queue_range(&dlq, 0).map(|r| r.1).unwrap_or(0);
+        let offsets: Vec<u64> = (from..end.min(from.saturating_add(max as u64))).collect();
+        let read = if offsets.is_empty() { Vec::new() } else { self.read_messages(&dlq, 0, &offsets)? };
+        let st = self.read();
+        let out = read
+            .into_iter()
+            .filter_map(|r| st.held.dead.get(&(group.to_string(), r.offset)).cloned().map(|o| (r.offset, o, r)))
+            .collect();
+        Ok((out, end))
     }
 
     /// (queue, offset) of messages carrying `key`, at most `limit`.
@@ -457,6 +570,7 @@ impl SmShared {
                 groups: st.groups.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 queues: st.queues.iter().map(|((t, q), c)| (t.clone(), *q, c.max_offset())).collect(),
                 messages_applied: st.messages_applied,
+                held_rows: st.held.rows(),
             };
             let cqs: Vec<(String, u32, Vec<u8>)> =
                 st.queues.iter().map(|((t, q), c)| (t.clone(), *q, c.raw_records())).collect();
@@ -601,9 +715,15 @@ impl SmShared {
         for (k, g) in &state.groups {
             batch.put(k_group(k), enc(g));
         }
+        let mut held = Held::default();
+        for (k, v) in &state.held_rows {
+            held.load_row(k, v).map_err(io::Error::other)?;
+            batch.put(k, v);
+        }
         batch.put(K_APPLIED, enc(&state.last_applied));
         batch.put(K_MEMBERSHIP, enc(&state.membership));
         self.db.write_opt(batch, &wo).map_err(io::Error::other)?;
+        st.held = held;
 
         st.queues = queues;
         st.topics = state.topics.into_iter().map(|t| (t.name.clone(), t)).collect();
@@ -658,8 +778,26 @@ impl SmShared {
                     r
                 }
                 Ok(Command::Control(c)) => {
-                    wake = matches!(c, Control::ChangeInvisible { .. } | Control::UpdateOffset { .. });
-                    self.apply_control(&mut st, index, c)?
+                    wake = matches!(
+                        c,
+                        Control::ChangeInvisible { .. }
+                            | Control::UpdateOffset { .. }
+                            | Control::Deliver { .. }
+                            | Control::EndTransaction { .. }
+                            | Control::ResendDeadLetter { .. }
+                    );
+                    let mut keys = rocksdb::WriteBatch::default();
+                    let r = self.apply_control(&mut st, index, c, &mut keys)?;
+                    if !keys.is_empty() {
+                        self.db.write(keys)?;
+                    }
+                    if let Response::Checked { txs } = &r
+                        && !txs.is_empty()
+                    {
+                        // Nobody listening is fine.
+                        let _ = self.tx_checks.send(txs.clone());
+                    }
+                    r
                 }
             },
         };
@@ -690,7 +828,8 @@ impl SmShared {
             });
         }
         let (entry_pos, _) = self.log.position_of(index)?;
-        let mut records = Vec::with_capacity(batch.messages.len());
+        // Everything is checked before anything changes: a refused batch
+        // leaves no trace.
         let mut parsed = Vec::with_capacity(batch.messages.len());
         for (off, bytes) in &batch.messages {
             // A malformed message is refused the same way on every node; it
@@ -707,27 +846,179 @@ impl SmShared {
                     message: format!("entry {index}: message topic differs from the batch"),
                 });
             }
-            records.push(CqRecord {
+            let record = CqRecord {
                 pos: entry_pos + HEADER_LEN as u64 + u64::from(*off),
                 size: bytes.len() as u32,
                 tag_hash: tag_hash(&m.tag),
-            });
-            parsed.push(m);
+            };
+            parsed.push((record, m));
         }
         let q = st.queues.get_mut(&key).expect("checked");
         let first_offset = q.max_offset();
-        q.append(&records)?;
-        for (i, m) in parsed.iter().enumerate() {
-            for k in &m.keys {
-                keys.put(k_key_index(&batch.topic, k, batch.queue, first_offset + i as u64), b"");
+        let mut count = 0u32;
+        let mut held = Vec::new();
+        for (slot, (record, m)) in parsed.iter().enumerate() {
+            match command::placement(m) {
+                Placement::Queue => {
+                    q.append(std::slice::from_ref(record))?;
+                    index_message(keys, &batch.topic, batch.queue, first_offset + u64::from(count), m);
+                    count += 1;
+                }
+                p => held.push((slot as u32, p, record, m)),
+            }
+        }
+        for (slot, p, r, m) in held {
+            let id = TxId { index, slot };
+            let msg = HeldMessage {
+                topic: batch.topic.clone(),
+                queue: batch.queue,
+                pos: r.pos,
+                size: r.size,
+                tag_hash: r.tag_hash,
+                store_ms: m.store_timestamp_ms.max(0) as u64,
+                delivery_ms: m.delivery_timestamp_ms.max(0) as u64,
+            };
+            match p {
+                Placement::Delayed => st.held.put_delayed(id, msg),
+                _ => st.held.put_half(id, Half { msg, checks: 0, next_check_ms: 0 }),
             }
         }
         st.dirty_queues.insert(key);
-        st.messages_applied += records.len() as u64;
-        Ok(Response::Sent { queue: batch.queue, first_offset, count: records.len() as u32 })
+        st.messages_applied += u64::from(count);
+        Ok(Response::Sent { queue: batch.queue, first_offset, count })
     }
 
-    fn apply_control(&self, st: &mut SmState, index: u64, c: Control) -> Result<Response> {
+    /// Appends a held message to its ConsumeQueue (dropped when its topic
+    /// or queue is gone). Returns its offset.
+    fn release(&self, st: &mut SmState, keys: &mut rocksdb::WriteBatch, m: &HeldMessage) -> Result<Option<u64>> {
+        let key = (m.topic.clone(), m.queue);
+        let Some(q) = st.queues.get_mut(&key) else {
+            tracing::info!(topic = %m.topic, queue = m.queue, "held message dropped: its queue is gone");
+            return Ok(None);
+        };
+        let offset = q.max_offset();
+        q.append(&[CqRecord { pos: m.pos, size: m.size, tag_hash: m.tag_hash }])?;
+        if let Some(stored) = self.stored_at(m.pos, m.size) {
+            index_message(keys, &m.topic, m.queue, offset, &stored);
+        }
+        st.dirty_queues.insert(key);
+        st.messages_applied += 1;
+        Ok(Some(offset))
+    }
+
+    /// The message at a CommitLog position, if its bytes are still there
+    /// (retention may have removed them) and decode.
+    fn stored_at(&self, pos: u64, size: u32) -> Option<StoredMessage> {
+        if pos < self.log.first_pos() {
+            return None;
+        }
+        let raw = self.log.read_slice(pos, size as usize).ok()?.into_bytes();
+        StoredMessage::decode(raw).ok()
+    }
+
+    /// What a pop needs of the message at `offset` of a queue.
+    fn msg_info(&self, cq: Option<&ConsumeQueue>, offset: u64, filter: Option<&Filter>) -> MsgInfo {
+        let stored = cq.and_then(|q| q.get(offset)).and_then(|r| self.stored_at(r.pos, r.size));
+        match stored {
+            Some(m) => MsgInfo {
+                passes: filter.is_none_or(|f| f.matches(&m.tag, &m.properties)),
+                message_group: m.message_group,
+            },
+            // Bytes gone: unordered, and not filtered out (the read finds
+            // nothing and the pop acks it).
+            None => MsgInfo { message_group: String::new(), passes: true },
+        }
+    }
+
+    /// Creates the queues `old..queues` of a topic and records its config.
+    fn ensure_topic(&self, st: &mut SmState, name: &str, queues: u32, message_type: i32) -> Result<()> {
+        let old = st.topics.get(name).map(|t| t.queues).unwrap_or(0);
+        for q in old..queues {
+            let cq = ConsumeQueue::open(&self.cq_root.join(name).join(q.to_string()), 0)?;
+            st.queues.insert((name.to_string(), q), cq);
+            st.dirty_queues.insert((name.to_string(), q));
+        }
+        st.topics.insert(name.to_string(), TopicConf { name: name.to_string(), queues: queues.max(old), message_type });
+        st.deleted_topics.remove(name);
+        st.dirty_topics.insert(name.to_string());
+        Ok(())
+    }
+
+    /// Moves message `offset` of `topic`/`queue` to `%DLQ%<group>` (a
+    /// record pointing at the same bytes) and remembers where it came from.
+    fn dead_letter(
+        &self,
+        st: &mut SmState,
+        group: &str,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+        attempts: u32,
+    ) -> Result<()> {
+        let Some(record) = st.queues.get(&(topic.to_string(), queue)).and_then(|q| q.get(offset)) else {
+            return Ok(());
+        };
+        let dlq = dlq_topic(group);
+        if !st.topics.contains_key(&dlq) {
+            self.ensure_topic(st, &dlq, 1, 0)?;
+        }
+        let key = (dlq, 0);
+        let q = st.queues.get_mut(&key).expect("created");
+        let dlq_offset = q.max_offset();
+        q.append(&[record])?;
+        st.dirty_queues.insert(key);
+        st.held.put_dead(group, dlq_offset, DeadOrigin { topic: topic.to_string(), queue, offset, attempts });
+        tracing::info!(group, topic, queue, offset, attempts, dlq_offset, "message moved to the dead-letter queue");
+        Ok(())
+    }
+
+    /// Whether a Pop with these rules would change anything (hand out,
+    /// give up on, skip or hold a message): a dry run on copies.
+    pub fn poppable_with(
+        &self,
+        group: &str,
+        topic: &str,
+        queues: &[u32],
+        now_ms: u64,
+        filter: Option<&command::FilterSpec>,
+        default_max_attempts: u32,
+    ) -> bool {
+        let st = self.read();
+        let conf = st.group_confs.get(group);
+        let fifo = conf.is_some_and(|c| c.fifo);
+        let filter = filter.and_then(|f| parse_filter(f).ok()).filter(|f| !f.is_all());
+        let max_attempts = max_attempts_of(conf, default_max_attempts);
+        queues.iter().any(|&q| {
+            let cq = st.queues.get(&(topic.to_string(), q));
+            let max = cq.map(|c| c.max_offset()).unwrap_or(0);
+            let g = st.groups.get(&(group.to_string(), topic.to_string(), q));
+            if !fifo && filter.is_none() {
+                return match g {
+                    None => max > 0,
+                    Some(g) => g.pop_offset < max || g.inflight.values().any(|i| i.visible_at_ms <= now_ms),
+                };
+            }
+            let mut g = g.cloned().unwrap_or_default();
+            let rules = PopRules {
+                now_ms,
+                invisible_ms: 1,
+                pop_index: 0,
+                max: 1,
+                fifo,
+                max_attempts,
+                filtered: filter.is_some(),
+            };
+            crate::pop::pop_queue(&mut g, q, max, &rules, &mut |o| self.msg_info(cq, o, filter.as_ref())).changed
+        })
+    }
+
+    fn apply_control(
+        &self,
+        st: &mut SmState,
+        index: u64,
+        c: Control,
+        keys: &mut rocksdb::WriteBatch,
+    ) -> Result<Response> {
         let refused = |code, message: String| Ok(Response::Refused { code, message });
         match c {
             Control::CreateTopic { name, queues, message_type, update } => {
@@ -749,15 +1040,7 @@ impl SmShared {
                         );
                     }
                 }
-                let old = st.topics.get(&name).map(|t| t.queues).unwrap_or(0);
-                for q in old..queues {
-                    let cq = ConsumeQueue::open(&self.cq_root.join(&name).join(q.to_string()), 0)?;
-                    st.queues.insert((name.clone(), q), cq);
-                    st.dirty_queues.insert((name.clone(), q));
-                }
-                st.topics.insert(name.clone(), TopicConf { name: name.clone(), queues, message_type });
-                st.deleted_topics.remove(&name);
-                st.dirty_topics.insert(name);
+                self.ensure_topic(st, &name, queues, message_type)?;
                 Ok(Response::Done)
             }
             Control::DeleteTopic { name } => {
@@ -778,62 +1061,169 @@ impl SmShared {
                 st.deleted_topics.insert(name);
                 Ok(Response::Done)
             }
-            Control::Pop { group, topic, queues, max, invisible_ms, now_ms } => {
+            Control::Pop { group, topic, queues, max, invisible_ms, now_ms, filter, max_attempts } => {
                 if st.group_confs.get(&group).is_some_and(|g| !g.consume_enabled) {
                     return refused(RefusedCode::ConsumeDisabled, format!("consumption by group {group} is disabled"));
                 }
                 // Bounded whatever the proposer asked for.
-                let max = max.min(1024);
+                let max = max.min(1024) as usize;
                 let Some(t) = st.topics.get(&topic) else {
                     return refused(RefusedCode::TopicNotFound, format!("topic {topic} not found"));
                 };
                 if let Some(q) = queues.iter().find(|q| **q >= t.queues) {
                     return refused(RefusedCode::BadQueue, format!("topic {topic} has no queue {q}"));
                 }
+                let filter = match filter.as_ref().map(parse_filter).transpose() {
+                    Ok(f) => f.filter(|f| !f.is_all()),
+                    Err(e) => return refused(RefusedCode::BadFilter, e),
+                };
+                let conf = st.group_confs.get(&group);
+                let rules = PopRules {
+                    now_ms,
+                    invisible_ms,
+                    pop_index: index,
+                    max,
+                    fifo: conf.is_some_and(|c| c.fifo),
+                    max_attempts: max_attempts_of(conf, max_attempts),
+                    filtered: filter.is_some(),
+                };
                 let mut out = Vec::new();
+                let mut dead = Vec::new();
                 let n = queues.len().max(1);
                 // Rotate the starting queue so no queue starves.
                 for k in 0..queues.len() {
                     let q = queues[(index as usize + k) % n];
-                    if out.len() >= max as usize {
+                    if out.len() >= max {
                         break;
                     }
-                    let max_offset = st.queues.get(&(topic.clone(), q)).map(|c| c.max_offset()).unwrap_or(0);
                     let gkey = (group.clone(), topic.clone(), q);
                     let existed = st.groups.contains_key(&gkey);
-                    let g = st.groups.entry(gkey.clone()).or_default();
-                    let mut changed = false;
-                    for (&offset, inf) in g.inflight.iter_mut() {
-                        if out.len() >= max as usize {
-                            break;
-                        }
-                        if inf.visible_at_ms <= now_ms {
-                            inf.attempt += 1;
-                            inf.visible_at_ms = now_ms + invisible_ms;
-                            inf.pop_index = index;
-                            out.push(Popped { queue: q, offset, attempt: inf.attempt });
-                            changed = true;
-                        }
+                    let mut g = st.groups.remove(&gkey).unwrap_or_default();
+                    let cq = st.queues.get(&(topic.clone(), q));
+                    let max_offset = cq.map(|c| c.max_offset()).unwrap_or(0);
+                    let rules = PopRules { max: max - out.len(), ..rules };
+                    let r = crate::pop::pop_queue(&mut g, q, max_offset, &rules, &mut |o| {
+                        self.msg_info(cq, o, filter.as_ref())
+                    });
+                    // Nothing changed and nothing stored: leave no empty entry
+                    // behind (a restarted replica would not have it).
+                    if r.changed || existed {
+                        st.groups.insert(gkey.clone(), g);
                     }
-                    while out.len() < max as usize && g.pop_offset < max_offset {
-                        let offset = g.pop_offset;
-                        g.pop_offset += 1;
-                        g.inflight.insert(
-                            offset,
-                            Inflight { visible_at_ms: now_ms + invisible_ms, attempt: 1, pop_index: index },
-                        );
-                        out.push(Popped { queue: q, offset, attempt: 1 });
-                        changed = true;
-                    }
-                    if changed {
+                    if r.changed {
                         st.dirty_groups.insert(gkey);
-                    } else if !existed {
-                        // Nothing popped: leave no empty entry behind (it would
-                        // not be stored, and a restarted replica would differ).
-                        st.groups.remove(&gkey);
                     }
+                    out.extend(r.popped);
+                    dead.extend(r.dead.into_iter().map(|(o, a)| (q, o, a)));
+                }
+                for (q, o, a) in dead {
+                    self.dead_letter(st, &group, &topic, q, o, a)?;
                 }
                 Ok(Response::Popped { messages: out })
+            }
+            Control::Deliver { now_ms } => {
+                for (_, m) in st.held.take_due(now_ms, command::MAX_MOVED) {
+                    self.release(st, keys, &m)?;
+                }
+                Ok(Response::Done)
+            }
+            Control::EndTransaction { tx, commit, now_ms } => {
+                let Some(h) = st.held.remove_half(&tx) else {
+                    return refused(
+                        RefusedCode::TransactionNotFound,
+                        format!("transaction {}.{} is unknown or already resolved", tx.index, tx.slot),
+                    );
+                };
+                if !commit {
+                    return Ok(Response::Done);
+                }
+                if h.msg.delivery_ms > now_ms {
+                    st.held.put_delayed(tx, h.msg);
+                } else {
+                    self.release(st, keys, &h.msg)?;
+                }
+                Ok(Response::Done)
+            }
+            Control::CheckTransactions { now_ms, interval_ms, max_checks } => {
+                let due: Vec<TxId> = st
+                    .held
+                    .halves
+                    .iter()
+                    .filter(|(_, h)| Held::check_due_ms(h, interval_ms) <= now_ms)
+                    .take(command::MAX_MOVED)
+                    .map(|(id, _)| *id)
+                    .collect();
+                let mut txs = Vec::with_capacity(due.len());
+                for id in due {
+                    let Some(mut h) = st.held.remove_half(&id) else { continue };
+                    if h.checks >= max_checks {
+                        tracing::info!(tx = ?id, checks = h.checks, "half message rolled back: never resolved");
+                        continue;
+                    }
+                    h.checks += 1;
+                    h.next_check_ms = now_ms.saturating_add(interval_ms);
+                    st.held.put_half(id, h);
+                    txs.push(id);
+                }
+                Ok(Response::Checked { txs })
+            }
+            Control::ToDeadLetter { group, topic, queue, offset, pop_index } => {
+                let gkey = (group.clone(), topic.clone(), queue);
+                let attempts = match st.groups.get_mut(&gkey) {
+                    Some(g) if g.inflight.get(&offset).is_some_and(|i| i.pop_index == pop_index) => {
+                        let i = g.inflight.remove(&offset).expect("checked");
+                        g.recompute_committed();
+                        i.attempt
+                    }
+                    _ => {
+                        return refused(
+                            RefusedCode::InvalidReceiptHandle,
+                            format!("offset {offset}: receipt handle is stale or already acked"),
+                        );
+                    }
+                };
+                st.dirty_groups.insert(gkey);
+                self.dead_letter(st, &group, &topic, queue, offset, attempts)?;
+                Ok(Response::Done)
+            }
+            Control::ResendDeadLetter { group, dlq_offset } => {
+                let Some(o) = st.held.dead.get(&(group.clone(), dlq_offset)).cloned() else {
+                    return refused(RefusedCode::BadRequest, format!("group {group} has no dead letter {dlq_offset}"));
+                };
+                if !st.queues.contains_key(&(o.topic.clone(), o.queue)) {
+                    return refused(RefusedCode::TopicNotFound, format!("topic {} queue {} is gone", o.topic, o.queue));
+                }
+                let gkey = (group, o.topic, o.queue);
+                let g = st.groups.entry(gkey.clone()).or_default();
+                // Due at once, and its next delivery is attempt 1.
+                g.held.remove(&o.offset);
+                g.inflight.insert(o.offset, Inflight { visible_at_ms: 0, attempt: 0, pop_index: 0 });
+                g.pop_offset = g.pop_offset.max(o.offset + 1);
+                g.committed = g.committed.min(o.offset);
+                st.dirty_groups.insert(gkey);
+                Ok(Response::Done)
+            }
+            Control::Renew { group, topic, queue, offset, pop_index, visible_at_ms } => {
+                let gkey = (group, topic, queue);
+                match st.groups.get_mut(&gkey).and_then(|g| g.inflight.get_mut(&offset)) {
+                    Some(i) if i.pop_index == pop_index => {
+                        i.visible_at_ms = visible_at_ms;
+                        st.dirty_groups.insert(gkey);
+                        Ok(Response::Done)
+                    }
+                    _ => refused(
+                        RefusedCode::InvalidReceiptHandle,
+                        format!("offset {offset}: receipt handle is stale or already acked"),
+                    ),
+                }
+            }
+            Control::ClientHeartbeat { group, client_id, now_ms } => {
+                st.held.client_seen(&group, &client_id, now_ms);
+                Ok(Response::Done)
+            }
+            Control::ClientGone { group, client_id } => {
+                st.held.client_gone(&group, &client_id);
+                Ok(Response::Done)
             }
             Control::Ack { group, topic, queue, offset, pop_index } => {
                 let gkey = (group, topic, queue);

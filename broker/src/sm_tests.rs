@@ -24,12 +24,20 @@ const GROUPS: [&str; 2] = ["g0", "g1"];
 enum Op {
     CreateTopic { t: usize, queues: u32 },
     DeleteTopic { t: usize },
-    Send { t: usize, queue: u32, n: usize },
-    Pop { g: usize, t: usize, max: u32, invisible_ms: u64 },
+    /// kind 0: normal, 1: delayed, 2: half (transactional).
+    Send { t: usize, queue: u32, n: usize, kind: u8, delay_ms: u64 },
+    Pop { g: usize, t: usize, max: u32, invisible_ms: u64, filter: Option<String> },
+    Deliver,
+    EndTx { pick: usize, commit: bool },
+    CheckTx { interval_ms: u64, max_checks: u32 },
+    ToDeadLetter { pick: usize },
+    Resend { g: usize, offset: u64 },
+    Heartbeat { g: usize, c: usize },
+    Renew { pick: usize, ms: u64 },
     Ack { pick: usize },
     ChangeInvisible { pick: usize, invisible_ms: u64 },
     UpdateOffset { g: usize, t: usize, queue: u32, offset: u64 },
-    UpdateGroup { g: usize, enabled: bool },
+    UpdateGroup { g: usize, enabled: bool, fifo: bool, max_attempts: u32 },
     Garbage { bytes: Vec<u8> },
     Tick { ms: u64 },
     Checkpoint,
@@ -41,14 +49,27 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         2 => (0..2usize, 1..4u32).prop_map(|(t, queues)| Op::CreateTopic { t, queues }),
         1 => (0..2usize).prop_map(|t| Op::DeleteTopic { t }),
-        6 => (0..2usize, 0..4u32, 1..5usize).prop_map(|(t, queue, n)| Op::Send { t, queue, n }),
-        4 => (0..2usize, 0..2usize, 1..6u32, 1..3000u64)
-            .prop_map(|(g, t, max, invisible_ms)| Op::Pop { g, t, max, invisible_ms }),
+        6 => (0..2usize, 0..4u32, 1..5usize, prop_oneof![4 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8)], 0..5000u64)
+            .prop_map(|(t, queue, n, kind, delay_ms)| Op::Send { t, queue, n, kind, delay_ms }),
+        4 => (0..2usize, 0..2usize, 1..6u32, 1..3000u64, prop_oneof![
+                3 => Just(None),
+                1 => Just(Some("TagA".to_string())),
+                1 => Just(Some("(".to_string())),
+            ])
+            .prop_map(|(g, t, max, invisible_ms, filter)| Op::Pop { g, t, max, invisible_ms, filter }),
+        1 => Just(Op::Deliver),
+        1 => (any::<usize>(), any::<bool>()).prop_map(|(pick, commit)| Op::EndTx { pick, commit }),
+        1 => (1..3000u64, 0..3u32).prop_map(|(interval_ms, max_checks)| Op::CheckTx { interval_ms, max_checks }),
+        1 => any::<usize>().prop_map(|pick| Op::ToDeadLetter { pick }),
+        1 => (0..2usize, 0..4u64).prop_map(|(g, offset)| Op::Resend { g, offset }),
+        1 => (0..2usize, 0..3usize).prop_map(|(g, c)| Op::Heartbeat { g, c }),
+        1 => (any::<usize>(), 0..3000u64).prop_map(|(pick, ms)| Op::Renew { pick, ms }),
         3 => any::<usize>().prop_map(|pick| Op::Ack { pick }),
         1 => (any::<usize>(), 0..3000u64).prop_map(|(pick, invisible_ms)| Op::ChangeInvisible { pick, invisible_ms }),
         1 => (0..2usize, 0..2usize, 0..4u32, 0..20u64)
             .prop_map(|(g, t, queue, offset)| Op::UpdateOffset { g, t, queue, offset }),
-        1 => (0..2usize, any::<bool>()).prop_map(|(g, enabled)| Op::UpdateGroup { g, enabled }),
+        1 => (0..2usize, prop_oneof![3 => Just(true), 1 => Just(false)], any::<bool>(), 0..4u32)
+            .prop_map(|(g, enabled, fifo, max_attempts)| Op::UpdateGroup { g, enabled, fifo, max_attempts }),
         1 => proptest::collection::vec(any::<u8>(), 0..16).prop_map(|bytes| Op::Garbage { bytes }),
         2 => (0..4000u64).prop_map(|ms| Op::Tick { ms }),
         1 => Just(Op::Checkpoint),
@@ -73,6 +94,15 @@ struct Rig {
     replicas: u32,
 }
 
+/// How a test message is sent.
+#[derive(Clone, Copy)]
+struct Kind {
+    /// 0: normal, 1: delayed, 2: half.
+    kind: u8,
+    now_ms: u64,
+    delay_ms: u64,
+}
+
 fn entry(index: u64, cmd: &[u8]) -> openraft::type_config::alias::EntryOf<TypeConfig> {
     openraft::Entry {
         log_id: openraft::LogId::new(AdvLeaderId { term: 1, node_id: 1 }, index),
@@ -81,13 +111,22 @@ fn entry(index: u64, cmd: &[u8]) -> openraft::type_config::alias::EntryOf<TypeCo
 }
 
 fn message(topic: &str, i: u64) -> Vec<u8> {
+    message_of(topic, i, Kind { kind: 0, now_ms: 0, delay_ms: 0 })
+}
+
+fn message_of(topic: &str, i: u64, k: Kind) -> Vec<u8> {
     let body = format!("body-{i}").into_bytes();
     StoredMessage {
         topic: topic.to_string(),
         message_id: format!("id-{i}"),
         keys: vec![format!("k{}", i % 3)],
+        tag: if i % 2 == 0 { "TagA".into() } else { "TagB".into() },
+        message_group: format!("mg{}", i % 3),
         body_crc32: crc32fast::hash(&body),
         body: body.into(),
+        store_timestamp_ms: k.now_ms as i64,
+        delivery_timestamp_ms: if k.kind == 1 { (k.now_ms + k.delay_ms + 1) as i64 } else { 0 },
+        message_type: if k.kind == 2 { command::TRANSACTION_TYPE } else { 1 },
         ..Default::default()
     }
     .encode_to_vec()
@@ -102,9 +141,11 @@ struct Observed {
     groups: BTreeMap<GroupKey, GroupQueue>,
     messages: BTreeMap<(String, u32), Vec<Bytes>>,
     keys: BTreeMap<(String, String), Vec<(u32, u64)>>,
+    held: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 fn observe(sh: &SmShared) -> Observed {
+    let held = sh.read().held.rows();
     let (last_applied, topics, group_confs, groups, lengths) = {
         let st = sh.read();
         let lengths: Vec<(String, u32, u64)> =
@@ -133,7 +174,7 @@ fn observe(sh: &SmShared) -> Observed {
             }
         }
     }
-    Observed { last_applied, topics, group_confs, groups, messages, keys }
+    Observed { last_applied, topics, group_confs, groups, messages, keys, held }
 }
 
 /// Invariants of the live state.
@@ -153,9 +194,13 @@ fn check_invariants(sh: &SmShared) {
             "{g}/{t}/{q}: pop offset {} past the queue end {max}",
             gq.pop_offset
         );
-        for o in gq.inflight.keys() {
-            assert!(*o >= gq.committed && *o < gq.pop_offset, "{g}/{t}/{q}: in-flight {o} outside [committed, pop)");
+        for o in gq.inflight.keys().chain(gq.held.iter()) {
+            assert!(*o >= gq.committed && *o < gq.pop_offset, "{g}/{t}/{q}: pending {o} outside [committed, pop)");
         }
+        assert!(gq.held.iter().all(|o| !gq.inflight.contains_key(o)), "{g}/{t}/{q}: held and in flight at once");
+    }
+    for m in st.held.delayed.values().chain(st.held.halves.values().map(|h| &h.msg)) {
+        assert!(m.pos >= sh.log.first_pos(), "a held message's bytes are kept");
     }
 }
 
@@ -216,8 +261,10 @@ impl Rig {
             Op::DeleteTopic { t } => {
                 self.control(Control::DeleteTopic { name: TOPICS[t].into() });
             }
-            Op::Send { t, queue, n } => {
-                let msgs: Vec<Vec<u8>> = (0..n).map(|k| message(TOPICS[t], self.next_index * 10 + k as u64)).collect();
+            Op::Send { t, queue, n, kind, delay_ms } => {
+                let k = Kind { kind, now_ms: self.now_ms, delay_ms };
+                let msgs: Vec<Vec<u8>> =
+                    (0..n).map(|i| message_of(TOPICS[t], self.next_index * 10 + i as u64, k)).collect();
                 let r = self.apply(command::encode_send(TOPICS[t], queue, &msgs));
                 let exists = self.sh().read().queues.contains_key(&(TOPICS[t].to_string(), queue));
                 assert_eq!(
@@ -226,7 +273,7 @@ impl Rig {
                     "a send is stored exactly when its queue exists: {r:?}"
                 );
             }
-            Op::Pop { g, t, max, invisible_ms } => {
+            Op::Pop { g, t, max, invisible_ms, filter } => {
                 let queues: Vec<u32> = match self.sh().read().topics.get(TOPICS[t]) {
                     Some(c) => (0..c.queues).collect(),
                     None => vec![0],
@@ -239,6 +286,8 @@ impl Rig {
                     max,
                     invisible_ms,
                     now_ms: self.now_ms,
+                    filter: filter.map(|expression| command::FilterSpec { sql: false, expression }),
+                    max_attempts: 3,
                 });
                 if let Response::Popped { messages } = r {
                     assert!(messages.len() <= max as usize);
@@ -277,12 +326,49 @@ impl Rig {
             Op::UpdateOffset { g, t, queue, offset } => {
                 self.control(Control::UpdateOffset { group: GROUPS[g].into(), topic: TOPICS[t].into(), queue, offset });
             }
-            Op::UpdateGroup { g, enabled } => {
+            Op::Deliver => {
+                self.control(Control::Deliver { now_ms: self.now_ms });
+                assert!(self.sh().read().held.next_due_ms().is_none_or(|d| d > self.now_ms), "everything due released");
+            }
+            Op::EndTx { pick, commit } => {
+                let halves: Vec<TxId> = self.sh().read().held.halves.keys().copied().collect();
+                let tx = halves.get(pick % halves.len().max(1)).copied().unwrap_or(TxId { index: 0, slot: 0 });
+                let r = self.control(Control::EndTransaction { tx, commit, now_ms: self.now_ms });
+                assert_eq!(matches!(r, Response::Done), !halves.is_empty(), "{r:?}");
+                assert!(!self.sh().read().held.halves.contains_key(&tx), "a resolved half is gone");
+            }
+            Op::CheckTx { interval_ms, max_checks } => {
+                let r = self.control(Control::CheckTransactions { now_ms: self.now_ms, interval_ms, max_checks });
+                assert!(matches!(r, Response::Checked { .. }), "{r:?}");
+            }
+            Op::ToDeadLetter { pick } => {
+                if self.receipts.is_empty() {
+                    return;
+                }
+                let (group, topic, queue, offset, pop_index) = self.receipts.remove(pick % self.receipts.len());
+                self.control(Control::ToDeadLetter { group, topic, queue, offset, pop_index });
+            }
+            Op::Resend { g, offset } => {
+                self.control(Control::ResendDeadLetter { group: GROUPS[g].into(), dlq_offset: offset });
+            }
+            Op::Heartbeat { g, c } => {
+                let client_id = format!("c{c}");
+                self.control(Control::ClientHeartbeat { group: GROUPS[g].into(), client_id, now_ms: self.now_ms });
+            }
+            Op::Renew { pick, ms } => {
+                if self.receipts.is_empty() {
+                    return;
+                }
+                let (group, topic, queue, offset, pop_index) = self.receipts[pick % self.receipts.len()].clone();
+                let visible_at_ms = self.now_ms + ms;
+                self.control(Control::Renew { group, topic, queue, offset, pop_index, visible_at_ms });
+            }
+            Op::UpdateGroup { g, enabled, fifo, max_attempts } => {
                 let config = GroupConf {
                     name: GROUPS[g].into(),
                     consume_enabled: enabled,
-                    max_delivery_attempts: 0,
-                    fifo: false,
+                    max_delivery_attempts: max_attempts,
+                    fifo,
                     broadcast_enabled: false,
                 };
                 self.control(Control::UpdateGroup { config });
@@ -291,7 +377,11 @@ impl Rig {
                 let r = self.apply(bytes);
                 assert!(matches!(
                     r,
-                    Response::Refused { .. } | Response::Done | Response::Sent { .. } | Response::Popped { .. }
+                    Response::Refused { .. }
+                        | Response::Done
+                        | Response::Sent { .. }
+                        | Response::Popped { .. }
+                        | Response::Checked { .. }
                 ));
             }
             Op::Tick { ms } => self.now_ms += ms,
@@ -362,13 +452,21 @@ fn disabled_group_cannot_pop_and_config_survives_restart() {
     let mut rig = Rig::new();
     rig.control(Control::CreateTopic { name: "ta".into(), queues: 1, message_type: 1, update: false });
     rig.apply(command::encode_send("ta", 0, &[message("ta", 1)]));
-    rig.step(&Op::UpdateGroup { g: 0, enabled: false });
-    let pop =
-        Control::Pop { group: "g0".into(), topic: "ta".into(), queues: vec![0], max: 1, invisible_ms: 10, now_ms: 1 };
+    rig.step(&Op::UpdateGroup { g: 0, enabled: false, fifo: false, max_attempts: 0 });
+    let pop = Control::Pop {
+        group: "g0".into(),
+        topic: "ta".into(),
+        queues: vec![0],
+        max: 1,
+        invisible_ms: 10,
+        now_ms: 1,
+        filter: None,
+        max_attempts: 0,
+    };
     assert!(matches!(rig.control(pop.clone()), Response::Refused { code: RefusedCode::ConsumeDisabled, .. }));
     rig.step(&Op::Checkpoint);
     rig.step(&Op::Crash);
     assert!(!rig.sh().read().group_confs["g0"].consume_enabled);
-    rig.step(&Op::UpdateGroup { g: 0, enabled: true });
+    rig.step(&Op::UpdateGroup { g: 0, enabled: true, fifo: false, max_attempts: 0 });
     assert!(matches!(rig.control(pop), Response::Popped { messages } if messages.len() == 1));
 }

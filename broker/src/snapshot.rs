@@ -74,6 +74,10 @@ pub struct SnapState {
     /// (topic, queue, record count); the records are in `cq/<topic>/<queue>`.
     pub queues: Vec<(String, u32, u64)>,
     pub messages_applied: u64,
+    /// The held tables' rows (delayed and half messages, dead-letter
+    /// origins, consumers), as stored in RocksDB.
+    #[serde(default)]
+    pub held_rows: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Sent first in a snapshot transfer.
