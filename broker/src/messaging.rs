@@ -1123,6 +1123,11 @@ impl MessagingService for Messaging {
                 if let Some(sp) = m.system_properties.as_mut() {
                     sp.invisible_duration = Some(dur(invisible_ms));
                 }
+                // A dead letter is delivered as a message of the DLQ topic
+                // (its bytes name the topic it was sent to).
+                if let Some(t) = m.topic.as_mut() {
+                    t.name = topic.clone();
+                }
                 out.push(pb::ReceiveMessageResponse {
                     content: Some(pb::receive_message_response::Content::Message(m)),
                 });

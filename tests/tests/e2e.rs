@@ -7,7 +7,7 @@
 
 mod cluster;
 mod commitlog_kill;
-mod compat_python;
+mod compat;
 mod groups;
 mod jepsen_cleanup;
 mod regressions;
