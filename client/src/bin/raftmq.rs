@@ -7,10 +7,13 @@ use std::time::Instant;
 use clap::Parser;
 use clap::Subcommand;
 use raftmq_client::Admin;
+use raftmq_client::Delivery;
+use raftmq_client::Filter;
 use raftmq_client::OutMessage;
 use raftmq_client::Producer;
 use raftmq_client::ProducerOptions;
 use raftmq_client::SimpleConsumer;
+use raftmq_client::admin_pb::FoundMessage;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -65,13 +68,21 @@ enum Cmd {
         size: Option<usize>,
         #[arg(long, default_value_t = 1)]
         count: u64,
+        /// Message tag.
         #[arg(long)]
         tag: Option<String>,
+        /// Message key (repeat for several).
         #[arg(long)]
         key: Vec<String>,
-        /// FIFO message group.
-        #[arg(long)]
-        group: Option<String>,
+        /// FIFO message group (message type FIFO).
+        #[arg(long = "message-group", alias = "group")]
+        message_group: Option<String>,
+        /// Deliver this many milliseconds after sending (message type DELAY).
+        #[arg(long, conflicts_with_all = ["delay_level", "message_group"])]
+        delay_ms: Option<u64>,
+        /// RocketMQ delay level 1..=18 (1s 5s 10s 30s 1m 2m 3m 4m 5m 6m 7m 8m 9m 10m 20m 30m 1h 2h).
+        #[arg(long, conflicts_with = "message_group")]
+        delay_level: Option<u32>,
     },
     /// Receive (and ack) messages as a simple consumer.
     Consume {
@@ -87,6 +98,22 @@ enum Cmd {
         /// Do not ack (the messages come back after the invisible duration).
         #[arg(long)]
         no_ack: bool,
+        /// Only messages with these tags (`a || b`).
+        #[arg(long, conflicts_with = "filter_sql")]
+        filter_tag: Option<String>,
+        /// Only messages whose properties match this SQL92 expression (`a > 3`).
+        #[arg(long)]
+        filter_sql: Option<String>,
+    },
+    /// Find stored messages by id or key.
+    Message {
+        #[command(subcommand)]
+        cmd: MessageCmd,
+    },
+    /// A consumer group's dead-letter queue: list, show, resend.
+    Dlq {
+        #[command(subcommand)]
+        cmd: DlqCmd,
     },
     /// Raft leadership.
     Leader {
@@ -162,6 +189,49 @@ enum GroupCmd {
 }
 
 #[derive(Subcommand)]
+enum MessageCmd {
+    /// By message id (`--id`, optionally in `--topic`) or by key (`--topic` and `--key`).
+    Query {
+        #[arg(long, conflicts_with = "key", required_unless_present = "key")]
+        id: Option<String>,
+        #[arg(long, required_unless_present = "id")]
+        key: Option<String>,
+        #[arg(long)]
+        topic: Option<String>,
+        /// At most this many (by key).
+        #[arg(long, default_value_t = 32)]
+        max: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCmd {
+    /// Dead letters of a group, from an offset of its dead-letter queue.
+    List {
+        #[arg(long, short)]
+        group: String,
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        #[arg(long, default_value_t = 32)]
+        max: u32,
+    },
+    /// One dead letter: body and properties.
+    Show {
+        #[arg(long, short)]
+        group: String,
+        #[arg(long)]
+        offset: u64,
+    },
+    /// Hand a dead letter back to its group (delivered again from attempt 1).
+    Resend {
+        #[arg(long, short)]
+        group: String,
+        #[arg(long)]
+        offset: u64,
+    },
+}
+
+#[derive(Subcommand)]
 enum LeaderCmd {
     /// Hand leadership to a node.
     Transfer { node_id: u64 },
@@ -196,6 +266,48 @@ fn type_name(t: i32) -> &'static str {
         4 => "TRANSACTION",
         _ => "NORMAL",
     }
+}
+
+fn found_json(m: &FoundMessage) -> serde_json::Value {
+    json!({"topic": m.topic, "broker": m.broker_name, "queue": m.queue_id, "offset": m.offset,
+        "message_id": m.message_id, "tag": m.tag, "keys": m.keys, "properties": m.properties,
+        "message_group": m.message_group, "born_timestamp_ms": m.born_timestamp_ms,
+        "store_timestamp_ms": m.store_timestamp_ms, "delivery_timestamp_ms": m.delivery_timestamp_ms,
+        "origin_queue": m.origin_queue_id, "origin_offset": m.origin_offset, "attempts": m.attempts,
+        "body_size": m.body.len(), "body": String::from_utf8_lossy(&m.body)})
+}
+
+/// At most `n` characters of a body, on one line.
+fn preview(body: &[u8], n: usize) -> String {
+    let s: String = String::from_utf8_lossy(body).chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if s.chars().count() > n { format!("{}…", s.chars().take(n).collect::<String>()) } else { s }
+}
+
+fn print_found(m: &FoundMessage) {
+    println!("topic:          {}", m.topic);
+    println!("broker:         {}", m.broker_name);
+    println!("queue/offset:   {} @ {}", m.queue_id, m.offset);
+    println!("message id:     {}", m.message_id);
+    println!("tag:            {}", m.tag);
+    println!("keys:           {}", m.keys.join(", "));
+    if !m.message_group.is_empty() {
+        println!("message group:  {}", m.message_group);
+    }
+    println!("born / stored:  {} / {} (unix ms)", m.born_timestamp_ms, m.store_timestamp_ms);
+    if m.delivery_timestamp_ms > 0 {
+        println!("deliver at:     {} (unix ms)", m.delivery_timestamp_ms);
+    }
+    if m.attempts > 0 {
+        println!("origin:         queue {} @ {}, {} attempts", m.origin_queue_id, m.origin_offset, m.attempts);
+    }
+    let mut props: Vec<_> = m.properties.iter().collect();
+    props.sort();
+    println!("properties:");
+    for (k, v) in props {
+        println!("  {k} = {v}");
+    }
+    println!("body ({} bytes):", m.body.len());
+    println!("{}", String::from_utf8_lossy(&m.body));
 }
 
 /// The first node that answers.
@@ -416,7 +528,15 @@ async fn main() -> anyhow::Result<()> {
                 println!("total lag: {}", p.total_lag);
             }
         }
-        Cmd::Send { topic, body, size, count, tag, key, group } => {
+        Cmd::Send { topic, body, size, count, tag, key, message_group, delay_ms, delay_level } => {
+            if let Some(l) = delay_level {
+                raftmq_client::delay_level(l)?;
+            }
+            let delivery = match (delay_ms, delay_level) {
+                (Some(ms), _) => Some(Delivery::After(Duration::from_millis(ms))),
+                (None, Some(l)) => Some(Delivery::Level(l)),
+                (None, None) => None,
+            };
             let p = Producer::new(&cli.server, ProducerOptions::default())?;
             let started = Instant::now();
             let mut results = Vec::new();
@@ -430,7 +550,8 @@ async fn main() -> anyhow::Result<()> {
                     body: b,
                     tag: tag.clone(),
                     keys: key.clone(),
-                    message_group: group.clone(),
+                    message_group: message_group.clone(),
+                    delivery,
                     ..Default::default()
                 };
                 let r = p.send(&topic, m).await?;
@@ -448,8 +569,13 @@ async fn main() -> anyhow::Result<()> {
                 println!("sent {count} messages in {secs:.3} s ({:.0} msg/s)", count as f64 / secs);
             }
         }
-        Cmd::Consume { topic, group, max, wait_ms, no_ack } => {
+        Cmd::Consume { topic, group, max, wait_ms, no_ack, filter_tag, filter_sql } => {
             let c = SimpleConsumer::new(&cli.server, &group)?;
+            match (filter_tag, filter_sql) {
+                (Some(t), _) => c.subscribe(&topic, Filter::Tag(t)),
+                (None, Some(s)) => c.subscribe(&topic, Filter::Sql(s)),
+                (None, None) => {}
+            }
             let mut got = 0u64;
             let mut out = Vec::new();
             while got < max {
@@ -488,6 +614,93 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::Value::Array(out));
             } else {
                 println!("received {got} messages");
+            }
+        }
+        Cmd::Message { cmd: MessageCmd::Query { id, key, topic, max } } => {
+            let a = admin(&cli.server).await?;
+            let found = match (id, key) {
+                (Some(id), _) => a.query_message_by_id(&id, topic.as_deref()).await?,
+                (None, Some(key)) => {
+                    let Some(topic) = topic else { anyhow::bail!("a query by key needs --topic") };
+                    a.query_message_by_key(&topic, &key, max).await?
+                }
+                (None, None) => anyhow::bail!("give --id or --key"),
+            };
+            if json_out {
+                println!("{}", serde_json::Value::Array(found.iter().map(found_json).collect()));
+            } else if found.is_empty() {
+                println!("no message found");
+            } else {
+                println!(
+                    "{:<24} {:<10} {:>5} {:>10} {:<34} {:<12} {:<20} BODY",
+                    "TOPIC", "BROKER", "QUEUE", "OFFSET", "MESSAGE ID", "TAG", "KEYS"
+                );
+                for m in &found {
+                    println!(
+                        "{:<24} {:<10} {:>5} {:>10} {:<34} {:<12} {:<20} {}",
+                        m.topic,
+                        m.broker_name,
+                        m.queue_id,
+                        m.offset,
+                        m.message_id,
+                        m.tag,
+                        m.keys.join(","),
+                        preview(&m.body, 40)
+                    );
+                }
+            }
+        }
+        Cmd::Dlq { cmd: DlqCmd::List { group, from, max } } => {
+            let a = admin(&cli.server).await?;
+            let r = a.dead_letters(&group, from, max).await?;
+            if json_out {
+                let v: Vec<_> = r.messages.iter().map(found_json).collect();
+                println!(
+                    "{}",
+                    json!({"group": group, "messages": v, "next_offset": r.next_offset, "end_offset": r.end_offset})
+                );
+            } else {
+                println!(
+                    "{:>8} {:<34} {:<24} {:>12} {:>8} BODY",
+                    "OFFSET", "MESSAGE ID", "TOPIC", "ORIGIN", "ATTEMPTS"
+                );
+                for m in &r.messages {
+                    let origin = format!("{}@{}", m.origin_queue_id, m.origin_offset);
+                    println!(
+                        "{:>8} {:<34} {:<24} {:>12} {:>8} {}",
+                        m.offset,
+                        m.message_id,
+                        m.topic,
+                        origin,
+                        m.attempts,
+                        preview(&m.body, 40)
+                    );
+                }
+                println!(
+                    "{} shown; next offset {}, dead-letter queue ends at {}",
+                    r.messages.len(),
+                    r.next_offset,
+                    r.end_offset
+                );
+            }
+        }
+        Cmd::Dlq { cmd: DlqCmd::Show { group, offset } } => {
+            let a = admin(&cli.server).await?;
+            let Some(m) = a.dead_letter(&group, offset).await? else {
+                anyhow::bail!("no dead letter of group {group} at offset {offset}");
+            };
+            if json_out {
+                println!("{}", found_json(&m));
+            } else {
+                print_found(&m);
+            }
+        }
+        Cmd::Dlq { cmd: DlqCmd::Resend { group, offset } } => {
+            let m = admin(&cli.server).await?.resend_dead_letter(&group, offset).await?;
+            if json_out {
+                println!("{}", json!({"group": group, "offset": offset, "result": m}));
+            } else {
+                println!("dead letter {offset} of {group}: {m}");
             }
         }
         Cmd::Leader { cmd: LeaderCmd::Transfer { node_id } } => {
