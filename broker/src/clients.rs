@@ -103,7 +103,12 @@ impl Clients {
         bound(&mut entries, MAX_CLIENTS, |e| e.last_seen);
         entries.insert(
             client_id.to_string(),
-            Entry { client_type: s.client_type.unwrap_or(0), topics, telemetry: Some((id, tx)), last_seen: Instant::now() },
+            Entry {
+                client_type: s.client_type.unwrap_or(0),
+                topics,
+                telemetry: Some((id, tx)),
+                last_seen: Instant::now(),
+            },
         );
         id
     }
@@ -195,8 +200,7 @@ impl Clients {
     /// Renewals due at `now_ms` (a third of the invisible time left), after
     /// dropping those of dead clients and those renewed for too long.
     fn due_renewals(&self, now_ms: u64, renew_max_ms: u64, expire: Duration) -> Vec<(String, Renewal)> {
-        let list: Vec<(String, Renewal)> =
-            lock(&self.renewals).iter().map(|(h, r)| (h.clone(), r.clone())).collect();
+        let list: Vec<(String, Renewal)> = lock(&self.renewals).iter().map(|(h, r)| (h.clone(), r.clone())).collect();
         let mut due = Vec::new();
         for (h, r) in list {
             let stale = now_ms.saturating_sub(r.started_ms) > renew_max_ms || r.visible_at_ms < now_ms;
@@ -292,15 +296,8 @@ async fn check_back(node: &BrokerNode, clients: &Clients, tx: TxId) {
         return;
     }
     let pick = &producers[(tx.index as usize + tx.slot as usize) % producers.len()];
-    let message = crate::messaging::to_v2_message(
-        &stored,
-        "",
-        held.queue,
-        0,
-        None,
-        None,
-        &node.config.advertised_addr(),
-    );
+    let message =
+        crate::messaging::to_v2_message(&stored, "", held.queue, 0, None, None, &node.config.advertised_addr());
     let cmd = pb::TelemetryCommand {
         status: Some(pb::Status { code: pb::Code::Ok as i32, message: "OK".into() }),
         command: Some(pb::telemetry_command::Command::RecoverOrphanedTransactionCommand(

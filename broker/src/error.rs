@@ -66,9 +66,7 @@ impl BrokerError {
             | BrokerError::BodyTooLarge { .. }
             | BrokerError::InvalidReceiptHandle(_)
             | BrokerError::BadFilter(_)
-            | BrokerError::BadDeliveryTime(_) => {
-                tonic::Status::invalid_argument(self.to_string())
-            }
+            | BrokerError::BadDeliveryTime(_) => tonic::Status::invalid_argument(self.to_string()),
             BrokerError::Refused(_) | BrokerError::TransactionNotFound(_) => {
                 tonic::Status::failed_precondition(self.to_string())
             }

@@ -144,7 +144,9 @@ impl Held {
     /// Removes and returns the delayed messages due at `now_ms`, oldest
     /// due first, at most `max`.
     pub fn take_due(&mut self, now_ms: u64, max: usize) -> Vec<(TxId, HeldMessage)> {
-        let keys: Vec<(u64, TxId)> = self.delayed.range(..=(now_ms, TxId { index: u64::MAX, slot: u32::MAX }))
+        let keys: Vec<(u64, TxId)> = self
+            .delayed
+            .range(..=(now_ms, TxId { index: u64::MAX, slot: u32::MAX }))
             .take(max)
             .map(|(k, _)| *k)
             .collect();

@@ -21,8 +21,8 @@
 
 pub mod acl;
 pub mod admin;
-pub mod command;
 pub mod clients;
+pub mod command;
 pub mod config;
 pub mod cq;
 pub mod error;

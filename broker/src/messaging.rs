@@ -181,7 +181,8 @@ fn filter_spec(f: Option<&pb::FilterExpression>) -> Result<Option<FilterSpec>> {
     let Some(f) = f else { return Ok(None) };
     let sql = f.r#type == pb::FilterType::Sql as i32;
     let kind = if sql { crate::filter::FilterKind::Sql } else { crate::filter::FilterKind::Tag };
-    let parsed = crate::filter::Filter::parse(kind, &f.expression).map_err(|e| BrokerError::BadFilter(e.to_string()))?;
+    let parsed =
+        crate::filter::Filter::parse(kind, &f.expression).map_err(|e| BrokerError::BadFilter(e.to_string()))?;
     Ok((!parsed.is_all()).then(|| FilterSpec { sql, expression: f.expression.clone() }))
 }
 
@@ -1010,7 +1011,10 @@ impl MessagingService for Messaging {
         }) {
             Ok(g) => g,
             Err(e) => {
-                return Ok(Response::new(pb::QueryAssignmentResponse { status: Some(err_status(&e)), assignments: vec![] }));
+                return Ok(Response::new(pb::QueryAssignmentResponse {
+                    status: Some(err_status(&e)),
+                    assignments: vec![],
+                }));
             }
         };
         let route = self
@@ -1070,7 +1074,13 @@ impl MessagingService for Messaging {
                 }
                 other => other?,
             };
-            let queues = self.queues_for(&conf, mq)?;
+            // Like RocketMQ 5's proxy, a simple consumer pops from every queue
+            // of the broker whatever queue it names (the official clients
+            // round-robin queue ids and would otherwise long-poll an empty
+            // queue while another holds messages). Push consumers keep to
+            // their assigned queues.
+            let simple = self.clients.client_type(&client_id) == Some(pb::ClientType::SimpleConsumer as i32);
+            let queues = if simple { self.queues_for(&conf, None)? } else { self.queues_for(&conf, mq)? };
             let max = (req.batch_size.max(1) as u32).min(limits.max_receive_batch);
             let invisible_ms = req.invisible_duration.as_ref().map(dur_ms).unwrap_or(limits.default_invisible_ms);
             if invisible_ms == 0 || invisible_ms > 12 * 3600 * 1000 {
@@ -1081,8 +1091,7 @@ impl MessagingService for Messaging {
             if let Some(d) = deadline {
                 poll = poll.min((d.as_millis() as u64).saturating_sub(300));
             }
-            let got =
-                self.pop(&group, &topic, queues, max, invisible_ms, Duration::from_millis(poll), filter).await?;
+            let got = self.pop(&group, &topic, queues, max, invisible_ms, Duration::from_millis(poll), filter).await?;
             // A push consumer's messages stay invisible while it is alive.
             let push = self.clients.client_type(&client_id) == Some(pb::ClientType::PushConsumer as i32);
             let advertised = self.advertised();
@@ -1160,7 +1169,8 @@ impl MessagingService for Messaging {
             }
         };
         let topic = req.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
-        if let Err(e) = self.authorize(&forwarded.auth, Action::Sub, &[Resource::Topic(&topic), Resource::Group(&group)])
+        if let Err(e) =
+            self.authorize(&forwarded.auth, Action::Sub, &[Resource::Topic(&topic), Resource::Group(&group)])
         {
             return Ok(Response::new(pb::AckMessageResponse { status: Some(err_status(&e)), entries: vec![] }));
         }
@@ -1401,7 +1411,10 @@ impl MessagingService for Messaging {
         if let Some(target) = self.remote_queue(req.message_queue.as_ref()) {
             let call = |mut c: PeerClient, r| async move { c.query_offset(r).await };
             return Ok(self
-                .forward_unary(target, &forwarded, req, call, |s| pb::QueryOffsetResponse { status: Some(s), offset: 0 })
+                .forward_unary(target, &forwarded, req, call, |s| pb::QueryOffsetResponse {
+                    status: Some(s),
+                    offset: 0,
+                })
                 .await);
         }
         let r: Result<u64> = (|| {

@@ -114,7 +114,8 @@ pub fn pop_queue(
             block(&mut blocked, &mg);
             if out.popped.len() < rules.max {
                 g.held.remove(&offset);
-                g.inflight.insert(offset, Inflight { visible_at_ms: visible_at, attempt: 1, pop_index: rules.pop_index });
+                g.inflight
+                    .insert(offset, Inflight { visible_at_ms: visible_at, attempt: 1, pop_index: rules.pop_index });
                 out.popped.push(Popped { queue, offset, attempt: 1 });
             }
         }

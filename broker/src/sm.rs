@@ -42,18 +42,18 @@ use crate::command;
 use crate::command::Command;
 use crate::command::Control;
 use crate::command::GroupConf;
+use crate::command::Placement;
 use crate::command::Popped;
 use crate::command::RefusedCode;
-use crate::command::Placement;
 use crate::command::Response;
 use crate::command::TxId;
-use crate::filter::Filter;
-use crate::filter::FilterKind;
 use crate::cq::ConsumeQueue;
 use crate::cq::CqRecord;
 use crate::cq::tag_hash;
 use crate::error::BrokerError;
 use crate::error::Result;
+use crate::filter::Filter;
+use crate::filter::FilterKind;
 use crate::held::DeadOrigin;
 use crate::held::Half;
 use crate::held::Held;
@@ -132,6 +132,9 @@ pub struct SmState {
     pending_removals: Vec<(String, PathBuf)>,
     pub messages_applied: u64,
 }
+
+/// A dead letter: its offset in the DLQ, where it came from, the message.
+pub type DeadLetter = (u64, DeadOrigin, ReadMessage);
 
 /// A message read back from the log.
 #[derive(Debug, Clone)]
@@ -521,7 +524,7 @@ impl SmShared {
     }
 
     /// A group's dead letters from `from`: (offset, origin, message).
-    pub fn dead_letters(&self, group: &str, from: u64, max: usize) -> Result<(Vec<(u64, DeadOrigin, ReadMessage)>, u64)> {
+    pub fn dead_letters(&self, group: &str, from: u64, max: usize) -> Result<(Vec<DeadLetter>, u64)> {
         let dlq = dlq_topic(group);
         let end = self.queue_range(&dlq, 0).map(|r| r.1).unwrap_or(0);
         let offsets: Vec<u64> = (from..end.min(from.saturating_add(max as u64))).collect();

@@ -22,24 +22,77 @@ const GROUPS: [&str; 2] = ["g0", "g1"];
 
 #[derive(Debug, Clone)]
 enum Op {
-    CreateTopic { t: usize, queues: u32 },
-    DeleteTopic { t: usize },
+    CreateTopic {
+        t: usize,
+        queues: u32,
+    },
+    DeleteTopic {
+        t: usize,
+    },
     /// kind 0: normal, 1: delayed, 2: half (transactional).
-    Send { t: usize, queue: u32, n: usize, kind: u8, delay_ms: u64 },
-    Pop { g: usize, t: usize, max: u32, invisible_ms: u64, filter: Option<String> },
+    Send {
+        t: usize,
+        queue: u32,
+        n: usize,
+        kind: u8,
+        delay_ms: u64,
+    },
+    Pop {
+        g: usize,
+        t: usize,
+        max: u32,
+        invisible_ms: u64,
+        filter: Option<String>,
+    },
     Deliver,
-    EndTx { pick: usize, commit: bool },
-    CheckTx { interval_ms: u64, max_checks: u32 },
-    ToDeadLetter { pick: usize },
-    Resend { g: usize, offset: u64 },
-    Heartbeat { g: usize, c: usize },
-    Renew { pick: usize, ms: u64 },
-    Ack { pick: usize },
-    ChangeInvisible { pick: usize, invisible_ms: u64 },
-    UpdateOffset { g: usize, t: usize, queue: u32, offset: u64 },
-    UpdateGroup { g: usize, enabled: bool, fifo: bool, max_attempts: u32 },
-    Garbage { bytes: Vec<u8> },
-    Tick { ms: u64 },
+    EndTx {
+        pick: usize,
+        commit: bool,
+    },
+    CheckTx {
+        interval_ms: u64,
+        max_checks: u32,
+    },
+    ToDeadLetter {
+        pick: usize,
+    },
+    Resend {
+        g: usize,
+        offset: u64,
+    },
+    Heartbeat {
+        g: usize,
+        c: usize,
+    },
+    Renew {
+        pick: usize,
+        ms: u64,
+    },
+    Ack {
+        pick: usize,
+    },
+    ChangeInvisible {
+        pick: usize,
+        invisible_ms: u64,
+    },
+    UpdateOffset {
+        g: usize,
+        t: usize,
+        queue: u32,
+        offset: u64,
+    },
+    UpdateGroup {
+        g: usize,
+        enabled: bool,
+        fifo: bool,
+        max_attempts: u32,
+    },
+    Garbage {
+        bytes: Vec<u8>,
+    },
+    Tick {
+        ms: u64,
+    },
     Checkpoint,
     Crash,
     Snapshot,

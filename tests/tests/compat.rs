@@ -119,9 +119,14 @@ fn run(c: &mut Cluster, mut cmd: Command, name: &str, endpoint: usize, kill: boo
     let stdout = child.stdout.take().expect("stdout");
     let stderr = child.stderr.take().expect("stderr");
     let tx2 = tx.clone();
-    std::thread::spawn(move || std::io::BufReader::new(stdout).lines().map_while(Result::ok).for_each(|l| drop(tx.send(l))));
     std::thread::spawn(move || {
-        std::io::BufReader::new(stderr).lines().map_while(Result::ok).for_each(|l| drop(tx2.send(format!("stderr: {l}"))))
+        std::io::BufReader::new(stdout).lines().map_while(Result::ok).for_each(|l| drop(tx.send(l)))
+    });
+    std::thread::spawn(move || {
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .for_each(|l| drop(tx2.send(format!("stderr: {l}"))))
     });
     let deadline = Instant::now() + Duration::from_secs(240);
     let mut out = String::new();
