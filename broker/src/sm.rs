@@ -784,6 +784,7 @@ impl SmShared {
                     wake = matches!(
                         c,
                         Control::ChangeInvisible { .. }
+                            | Control::Ack { .. }
                             | Control::UpdateOffset { .. }
                             | Control::Deliver { .. }
                             | Control::EndTransaction { .. }
@@ -1240,6 +1241,9 @@ impl SmShared {
                         st.dirty_groups.insert(gkey);
                         Ok(Response::Done)
                     }
+                    // Already settled (a client retrying an ack whose first
+                    // attempt was applied): nothing to do, and not an error.
+                    None if offset < g.pop_offset && !g.held.contains(&offset) => Ok(Response::Done),
                     _ => refused(
                         RefusedCode::InvalidReceiptHandle,
                         format!("offset {offset}: receipt handle is stale or already acked"),

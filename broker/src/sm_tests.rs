@@ -523,3 +523,51 @@ fn disabled_group_cannot_pop_and_config_survives_restart() {
     rig.step(&Op::UpdateGroup { g: 0, enabled: true, fifo: false, max_attempts: 0 });
     assert!(matches!(rig.control(pop), Response::Popped { messages } if messages.len() == 1));
 }
+
+#[test]
+fn delayed_messages_wait_for_their_time_and_survive_a_restart() {
+    let mut rig = Rig::new();
+    rig.control(Control::CreateTopic { name: "ta".into(), queues: 1, message_type: 3, update: false });
+    let k = Kind { kind: 1, now_ms: 1000, delay_ms: 4000 };
+    rig.apply(command::encode_send("ta", 0, &[message_of("ta", 7, k)]));
+    assert_eq!(rig.sh().queue_range("ta", 0), Some((0, 0)), "not visible before its time");
+    rig.step(&Op::Checkpoint);
+    rig.step(&Op::Crash);
+    rig.control(Control::Deliver { now_ms: 4000 });
+    assert_eq!(rig.sh().queue_range("ta", 0), Some((0, 0)), "still early");
+    rig.control(Control::Deliver { now_ms: 5001 });
+    assert_eq!(rig.sh().queue_range("ta", 0), Some((0, 1)), "visible once due");
+    let read = rig.sh().read_messages("ta", 0, &[0]).unwrap();
+    assert_eq!(&read[0].message.body[..], b"body-7");
+    assert_eq!(rig.sh().find_by_id("id-7", 10).unwrap(), vec![("ta".to_string(), 0, 0)]);
+}
+
+#[test]
+fn an_unresolved_half_message_is_checked_then_rolled_back() {
+    let mut rig = Rig::new();
+    rig.control(Control::CreateTopic { name: "ta".into(), queues: 1, message_type: 4, update: false });
+    let k = Kind { kind: 2, now_ms: 0, delay_ms: 0 };
+    rig.apply(command::encode_send("ta", 0, &[message_of("ta", 1, k), message_of("ta", 2, k)]));
+    let check = |rig: &mut Rig, now_ms| match rig.control(Control::CheckTransactions {
+        now_ms,
+        interval_ms: 30_000,
+        max_checks: 2,
+    }) {
+        Response::Checked { txs } => txs.len(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(check(&mut rig, 29_999), 0, "first check one interval after it was stored");
+    assert_eq!(check(&mut rig, 30_000), 2);
+    assert_eq!(check(&mut rig, 30_001), 0, "then every interval");
+    // One is committed by the producer's answer.
+    let first = *rig.sh().read().held.halves.keys().next().unwrap();
+    assert!(matches!(rig.control(Control::EndTransaction { tx: first, commit: true, now_ms: 31_000 }), Response::Done));
+    assert_eq!(rig.sh().queue_range("ta", 0), Some((0, 1)));
+    assert_eq!(check(&mut rig, 60_000), 1);
+    // Checked max_checks times: the next due check rolls it back.
+    assert_eq!(check(&mut rig, 90_000), 0);
+    assert!(rig.sh().read().held.halves.is_empty(), "rolled back");
+    assert_eq!(rig.sh().queue_range("ta", 0), Some((0, 1)), "never delivered");
+    let r = rig.control(Control::EndTransaction { tx: first, commit: true, now_ms: 91_000 });
+    assert!(matches!(r, Response::Refused { code: RefusedCode::TransactionNotFound, .. }), "{r:?}");
+}

@@ -277,10 +277,10 @@ fn bad_input_gets_clear_errors_and_loses_nothing() {
         forged.receipt_handle = "not-a-handle".into();
         let (c3, _) = code(consumer.ack(&forged).await.unwrap_err());
         assert_eq!(c3, 40013);
-        // The real handle still works, once.
+        // The real handle works; acking it again (a client retrying an ack
+        // whose answer it lost) is a no-op, like RocketMQ's.
         consumer.ack(&got[0]).await.unwrap();
-        let (c4, _) = code(consumer.ack(&got.pop().unwrap()).await.unwrap_err());
-        assert_eq!(c4, 40013, "a second ack of the same delivery is refused");
+        consumer.ack(&got.pop().unwrap()).await.expect("a repeated ack of a settled message is a no-op");
         // Nothing acknowledged was lost.
         producer.send("good", OutMessage::new("after")).await.unwrap();
         let got = consumer.receive("good", None, 8, Duration::from_secs(30), Duration::from_secs(5)).await.unwrap();
