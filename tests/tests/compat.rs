@@ -64,7 +64,7 @@ fn rust_official() -> Result<PathBuf, String> {
 /// A three-node group set up for the scenarios: short transaction
 /// check-backs and consumer expiry, the topics and groups they use.
 fn compat_cluster(dir: &std::path::Path) -> Cluster {
-    let extra = "[transaction]\ncheck_interval_ms = 4000\n[consumer]\nclient_expire_ms = 6000\n";
+    let extra = "[transaction]\ncheck_interval_ms = 4000\n";
     let c = Cluster::start(dir, 3, extra);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {

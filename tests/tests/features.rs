@@ -40,7 +40,7 @@ async fn drain(c: &SimpleConsumer, topic: &str, want: usize, within: Duration) -
 #[test]
 fn our_client_covers_the_message_features() {
     let dir = tempfile::tempdir().unwrap();
-    let extra = "[transaction]\ncheck_interval_ms = 1500\n[consumer]\nclient_expire_ms = 6000\n";
+    let extra = "[transaction]\ncheck_interval_ms = 1500\n";
     let c = Cluster::start(dir.path(), 3, extra);
     let eps = c.addrs();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
