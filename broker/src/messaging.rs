@@ -131,6 +131,34 @@ pub fn decode_handle(h: &str) -> Result<Handle> {
     Ok(Handle { group, queue, offset, pop_index })
 }
 
+/// Proposes a command; a refusal (the same on every node) becomes the
+/// error a client gets for it. `topic` names the topic for "not found".
+async fn propose_accepted(node: &BrokerNode, topic: &str, cmd: Vec<u8>) -> Result<(command::Response, u64)> {
+    let (resp, index) = node.propose(cmd).await?;
+    match resp {
+        command::Response::Refused { code, message } => Err(match code {
+            RefusedCode::TopicNotFound => BrokerError::TopicNotFound(topic.to_string()),
+            RefusedCode::InvalidReceiptHandle => BrokerError::InvalidReceiptHandle(message),
+            RefusedCode::BadFilter => BrokerError::BadFilter(message),
+            RefusedCode::TransactionNotFound => BrokerError::TransactionNotFound(message),
+            RefusedCode::BadRequest
+            | RefusedCode::BadQueue
+            | RefusedCode::TopicExists
+            | RefusedCode::GroupNotFound
+            | RefusedCode::ConsumeDisabled => BrokerError::Refused(message),
+        }),
+        resp => Ok((resp, index)),
+    }
+}
+
+/// A command that answers `Done` when accepted.
+async fn propose_done(node: &BrokerNode, topic: &str, cmd: &Control) -> Result<()> {
+    match propose_accepted(node, topic, command::encode_control(cmd)).await?.0 {
+        command::Response::Done => Ok(()),
+        other => Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
+    }
+}
+
 /// The prefix of dead-letter topics.
 pub const DLQ_PREFIX: &str = "%DLQ%";
 
@@ -581,7 +609,8 @@ impl Messaging {
             .collect();
         for (queue, items) in by_queue {
             let bodies: Vec<Vec<u8>> = items.iter().map(|(_, b, _)| b.clone()).collect();
-            let (resp, index) = self.node.propose(command::encode_send(&topic, queue, &bodies)).await?;
+            let (resp, index) =
+                propose_accepted(&self.node, &topic, command::encode_send(&topic, queue, &bodies)).await?;
             match resp {
                 command::Response::Sent { first_offset, .. } => {
                     // Offsets go to the messages placed in the queue, in order
@@ -601,10 +630,6 @@ impl Messaging {
                         }
                     }
                 }
-                command::Response::Refused { code: RefusedCode::TopicNotFound, .. } => {
-                    return Err(BrokerError::TopicNotFound(topic));
-                }
-                command::Response::Refused { message, .. } => return Err(BrokerError::Refused(message)),
                 other => return Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
             }
         }
@@ -640,7 +665,7 @@ impl Messaging {
                     filter: filter.clone(),
                     max_attempts: default_attempts,
                 };
-                let (resp, index) = self.node.propose(command::encode_control(&cmd)).await?;
+                let (resp, index) = propose_accepted(&self.node, topic, command::encode_control(&cmd)).await?;
                 match resp {
                     command::Response::Popped { messages } if !messages.is_empty() => {
                         let read = self.read_popped(topic, &messages, index).await?;
@@ -672,13 +697,6 @@ impl Messaging {
                         continue;
                     }
                     command::Response::Popped { .. } => {}
-                    command::Response::Refused { code: RefusedCode::TopicNotFound, .. } => {
-                        return Err(BrokerError::TopicNotFound(topic.to_string()));
-                    }
-                    command::Response::Refused { code: RefusedCode::BadFilter, message } => {
-                        return Err(BrokerError::BadFilter(message));
-                    }
-                    command::Response::Refused { message, .. } => return Err(BrokerError::Refused(message)),
                     other => return Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
                 }
             }
@@ -1196,14 +1214,7 @@ impl MessagingService for Messaging {
                 let (queue, offset, pop_index) = (h.queue, h.offset, h.pop_index);
                 self.clients.untrack(&e.receipt_handle);
                 let cmd = Control::Ack { group: group.clone(), topic: topic.clone(), queue, offset, pop_index };
-                match self.node.propose(command::encode_control(&cmd)).await?.0 {
-                    command::Response::Done => Ok(()),
-                    command::Response::Refused { code: RefusedCode::InvalidReceiptHandle, message } => {
-                        Err(BrokerError::InvalidReceiptHandle(message))
-                    }
-                    command::Response::Refused { message, .. } => Err(BrokerError::Refused(message)),
-                    other => Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
-                }
+                propose_done(&self.node, &topic, &cmd).await
             }
             .await;
             let status = match r {
@@ -1243,14 +1254,7 @@ impl MessagingService for Messaging {
             let Handle { queue, offset, pop_index, .. } = decode_handle(&req.receipt_handle)?;
             self.clients.untrack(&req.receipt_handle);
             let cmd = Control::ToDeadLetter { group, topic: topic.clone(), queue, offset, pop_index };
-            match self.node.propose(command::encode_control(&cmd)).await?.0 {
-                command::Response::Done => Ok(()),
-                command::Response::Refused { code: RefusedCode::InvalidReceiptHandle, message } => {
-                    Err(BrokerError::InvalidReceiptHandle(message))
-                }
-                command::Response::Refused { message, .. } => Err(BrokerError::Refused(message)),
-                other => Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
-            }
+            propose_done(&self.node, &topic, &cmd).await
         }
         .await;
         Ok(Response::new(pb::ForwardMessageToDeadLetterQueueResponse {
@@ -1359,12 +1363,9 @@ impl MessagingService for Messaging {
             if mq.id < 0 || req.offset < 0 {
                 return Err(BrokerError::BadRequest("queue id and offset must not be negative".into()));
             }
-            let cmd = Control::UpdateOffset { group, topic, queue: mq.id as u32, offset: req.offset as u64 };
-            match self.node.propose(command::encode_control(&cmd)).await?.0 {
-                command::Response::Done => Ok(()),
-                command::Response::Refused { message, .. } => Err(BrokerError::Refused(message)),
-                other => Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
-            }
+            let cmd =
+                Control::UpdateOffset { group, topic: topic.clone(), queue: mq.id as u32, offset: req.offset as u64 };
+            propose_done(&self.node, &topic, &cmd).await
         }
         .await;
         let status = match r {
@@ -1471,7 +1472,10 @@ impl MessagingService for Messaging {
         let r: Result<()> = async {
             self.authorize(&forwarded.auth, Action::Pub, &[Resource::Topic(&topic)])?;
             let (_, tx) = decoded.ok_or_else(|| {
-                BrokerError::TransactionNotFound(format!("{:?} is not a transaction id of this cluster", req.transaction_id))
+                BrokerError::TransactionNotFound(format!(
+                    "{:?} is not a transaction id of this cluster",
+                    req.transaction_id
+                ))
             })?;
             let commit = match pb::TransactionResolution::try_from(req.resolution) {
                 Ok(pb::TransactionResolution::Commit) => true,
@@ -1479,17 +1483,9 @@ impl MessagingService for Messaging {
                 _ => return Err(BrokerError::BadRequest("resolution must be COMMIT or ROLLBACK".into())),
             };
             let cmd = Control::EndTransaction { tx, commit, now_ms: now_ms() };
-            match self.node.propose(command::encode_control(&cmd)).await?.0 {
-                command::Response::Done => {
-                    tracing::debug!(transaction = %req.transaction_id, commit, source = req.source, "transaction ended");
-                    Ok(())
-                }
-                command::Response::Refused { code: RefusedCode::TransactionNotFound, message } => {
-                    Err(BrokerError::TransactionNotFound(message))
-                }
-                command::Response::Refused { message, .. } => Err(BrokerError::Refused(message)),
-                other => Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
-            }
+            propose_done(&self.node, &topic, &cmd).await?;
+            tracing::debug!(transaction = %req.transaction_id, commit, source = req.source, "transaction ended");
+            Ok(())
         }
         .await;
         Ok(Response::new(pb::EndTransactionResponse {
@@ -1581,18 +1577,20 @@ impl MessagingService for Messaging {
             if invisible_ms > 12 * 3600 * 1000 {
                 return Err(BrokerError::BadRequest(format!("invisible duration {invisible_ms} ms above 12 h")));
             }
-            let cmd =
-                Control::ChangeInvisible { group, topic, queue, offset, pop_index, invisible_ms, now_ms: now_ms() };
-            let (resp, index) = self.node.propose(command::encode_control(&cmd)).await?;
-            match resp {
-                command::Response::Popped { .. } => {
+            let cmd = Control::ChangeInvisible {
+                group,
+                topic: topic.clone(),
+                queue,
+                offset,
+                pop_index,
+                invisible_ms,
+                now_ms: now_ms(),
+            };
+            match propose_accepted(&self.node, &topic, command::encode_control(&cmd)).await? {
+                (command::Response::Popped { .. }, index) => {
                     Ok(encode_handle(&self.node.config.broker_name, queue, offset, index))
                 }
-                command::Response::Refused { code: RefusedCode::InvalidReceiptHandle, message } => {
-                    Err(BrokerError::InvalidReceiptHandle(message))
-                }
-                command::Response::Refused { message, .. } => Err(BrokerError::Refused(message)),
-                other => Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
+                (other, _) => Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
             }
         }
         .await;

@@ -240,6 +240,14 @@ fn index_message(keys: &mut rocksdb::WriteBatch, topic: &str, queue: u32, offset
     }
 }
 
+/// The (queue, offset) an index row ends with.
+fn queue_offset(b: &[u8]) -> Option<(u32, u64)> {
+    if b.len() != 12 {
+        return None;
+    }
+    Some((u32::from_be_bytes(b[0..4].try_into().ok()?), u64::from_be_bytes(b[4..12].try_into().ok()?)))
+}
+
 fn k_id_index(id: &str, topic: &str, queue: u32, offset: u64) -> Vec<u8> {
     let mut k = format!("k/\x01{id}\0{topic}\0").into_bytes();
     k.extend_from_slice(&queue.to_be_bytes());
@@ -483,24 +491,16 @@ impl SmShared {
     /// (topic, queue, offset) of messages with this id (a resent or
     /// duplicated message may be stored more than once), at most `limit`.
     pub fn find_by_id(&self, id: &str, limit: usize) -> Result<Vec<(String, u32, u64)>> {
-        let prefix = format!("k/\x01{id}\0").into_bytes();
-        let mut out = Vec::new();
-        for item in rows(&self.db, &prefix) {
-            let (k, _) = item?;
-            if out.len() >= limit {
-                break;
-            }
-            let rest = &k[prefix.len()..];
-            let Some(zero) = rest.iter().position(|b| *b == 0) else { continue };
-            let loc = &rest[zero + 1..];
-            if loc.len() == 12 {
-                let topic = String::from_utf8_lossy(&rest[..zero]).to_string();
-                let q = u32::from_be_bytes(loc[0..4].try_into().expect("4"));
-                let o = u64::from_be_bytes(loc[4..12].try_into().expect("8"));
-                out.push((topic, q, o));
-            }
-        }
-        Ok(out)
+        let found = self.index_rows(format!("k/\x01{id}\0").as_bytes(), limit)?;
+        Ok(found
+            .into_iter()
+            .filter_map(|rest| {
+                // <topic> \0 queue offset
+                let zero = rest.iter().position(|b| *b == 0)?;
+                let (q, o) = queue_offset(&rest[zero + 1..])?;
+                Some((String::from_utf8_lossy(&rest[..zero]).to_string(), q, o))
+            })
+            .collect())
     }
 
     /// When the next delayed message is due, and whether a half message is
@@ -539,19 +539,16 @@ impl SmShared {
 
     /// (queue, offset) of messages carrying `key`, at most `limit`.
     pub fn find_by_key(&self, topic: &str, key: &str, limit: usize) -> Result<Vec<(u32, u64)>> {
-        let prefix = format!("k/{topic}\0{key}\0").into_bytes();
+        let found = self.index_rows(format!("k/{topic}\0{key}\0").as_bytes(), limit)?;
+        Ok(found.into_iter().filter_map(|rest| queue_offset(&rest)).collect())
+    }
+
+    /// What follows `prefix` in the index rows that start with it, at most `limit`.
+    fn index_rows(&self, prefix: &[u8], limit: usize) -> Result<Vec<Vec<u8>>> {
         let mut out = Vec::new();
-        for item in rows(&self.db, &prefix) {
+        for item in rows(&self.db, prefix).take(limit) {
             let (k, _) = item?;
-            if out.len() >= limit {
-                break;
-            }
-            let rest = &k[prefix.len()..];
-            if rest.len() == 12 {
-                let q = u32::from_be_bytes(rest[0..4].try_into().expect("4"));
-                let o = u64::from_be_bytes(rest[4..12].try_into().expect("8"));
-                out.push((q, o));
-            }
+            out.push(k[prefix.len()..].to_vec());
         }
         Ok(out)
     }

@@ -336,6 +336,27 @@ impl Endpoints {
     /// transport failure, at the other endpoints; at most one try per
     /// endpoint. Returns the endpoint that answered and its reply (whose
     /// status the caller checks).
+    /// Says goodbye to every node (NotifyClientTermination, with the
+    /// consumer group if any); the first failure is returned after all were tried.
+    pub(crate) async fn notify_termination(&self, group: Option<pb::Resource>, timeout: Duration) -> Result<()> {
+        let mut first_err = None;
+        for i in 0..self.addrs.len() {
+            let req = pb::NotifyClientTerminationRequest { group: group.clone() };
+            let r = self
+                .unary(Some(i), timeout, |mut c| {
+                    let req = req.clone();
+                    async move { c.notify_client_termination(req).await }
+                })
+                .await
+                .and_then(|(_, r)| check(r.status));
+            if let Err(err) = r {
+                tracing::debug!(endpoint = %self.addrs[i], error = %err, "NotifyClientTermination failed");
+                first_err.get_or_insert(err);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
     pub(crate) async fn unary<T, F, Fut>(
         &self,
         prefer: Option<usize>,

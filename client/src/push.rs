@@ -273,23 +273,7 @@ impl PushConsumer {
         if drained.is_err() {
             tracing::warn!(group = %inner.group, "shutdown: messages still being handled; they will be redelivered");
         }
-        let e = &inner.endpoints;
-        let mut first_err = None;
-        for i in 0..e.addrs.len() {
-            let req = pb::NotifyClientTerminationRequest { group: resource(&inner.group) };
-            let r = e
-                .unary(Some(i), inner.options.request_timeout, |mut c| {
-                    let req = req.clone();
-                    async move { c.notify_client_termination(req).await }
-                })
-                .await
-                .and_then(|(_, r)| check(r.status));
-            if let Err(err) = r {
-                tracing::debug!(endpoint = %e.addrs[i], error = %err, "NotifyClientTermination failed");
-                first_err.get_or_insert(err);
-            }
-        }
-        first_err.map_or(Ok(()), Err)
+        inner.endpoints.notify_termination(resource(&inner.group), inner.options.request_timeout).await
     }
 }
 

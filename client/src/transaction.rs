@@ -284,21 +284,7 @@ impl TransactionProducer {
         for t in self.tasks.drain(..) {
             t.abort();
         }
-        let e = &self.producer.endpoints;
-        let mut first_err = None;
-        for i in 0..e.addrs.len() {
-            let r = e
-                .unary(Some(i), END_TIMEOUT, |mut c| async move {
-                    c.notify_client_termination(pb::NotifyClientTerminationRequest { group: None }).await
-                })
-                .await
-                .and_then(|(_, r)| check(r.status));
-            if let Err(err) = r {
-                tracing::debug!(endpoint = %e.addrs[i], error = %err, "NotifyClientTermination failed");
-                first_err.get_or_insert(err);
-            }
-        }
-        first_err.map_or(Ok(()), Err)
+        self.producer.endpoints.notify_termination(None, END_TIMEOUT).await
     }
 }
 
