@@ -220,22 +220,23 @@ impl BrokerNode {
     async fn run_timers(&self, last_check: &mut Instant) {
         let now = crate::messaging::now_ms();
         let tx = &self.config.transaction;
-        let (next_due, check_due) = self.sm.timers(now, tx.check_interval_ms);
-        if next_due.is_some_and(|d| d <= now) {
+        if self.sm.next_delay_due_ms().is_some_and(|d| d <= now) {
             let cmd = crate::command::Control::Deliver { now_ms: now };
             if let Err(e) = self.propose_local(crate::command::encode_control(&cmd)).await {
                 tracing::debug!(error = %e, "releasing delayed messages");
             }
         }
-        if check_due && last_check.elapsed() >= Duration::from_secs(1) {
+        if last_check.elapsed() >= Duration::from_secs(1) {
             *last_check = Instant::now();
-            let cmd = crate::command::Control::CheckTransactions {
-                now_ms: now,
-                interval_ms: tx.check_interval_ms,
-                max_checks: tx.max_checks,
-            };
-            if let Err(e) = self.propose_local(crate::command::encode_control(&cmd)).await {
-                tracing::debug!(error = %e, "checking half messages");
+            if self.sm.check_due(now, tx.check_interval_ms) {
+                let cmd = crate::command::Control::CheckTransactions {
+                    now_ms: now,
+                    interval_ms: tx.check_interval_ms,
+                    max_checks: tx.max_checks,
+                };
+                if let Err(e) = self.propose_local(crate::command::encode_control(&cmd)).await {
+                    tracing::debug!(error = %e, "checking half messages");
+                }
             }
         }
     }

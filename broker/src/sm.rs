@@ -503,12 +503,15 @@ impl SmShared {
             .collect())
     }
 
-    /// When the next delayed message is due, and whether a half message is
-    /// due for a check-back at `now_ms` (the leader's timers).
-    pub fn timers(&self, now_ms: u64, check_interval_ms: u64) -> (Option<u64>, bool) {
-        let st = self.read();
-        let check = st.held.halves.values().any(|h| Held::check_due_ms(h, check_interval_ms) <= now_ms);
-        (st.held.next_due_ms(), check)
+    /// When the next delayed message is due (the leader's timer, every tick).
+    pub fn next_delay_due_ms(&self) -> Option<u64> {
+        self.read().held.next_due_ms()
+    }
+
+    /// Whether a half message is due for a check-back at `now_ms` (looks at
+    /// every half message: the leader asks at most once a second).
+    pub fn check_due(&self, now_ms: u64, check_interval_ms: u64) -> bool {
+        self.read().held.halves.values().any(|h| Held::check_due_ms(h, check_interval_ms) <= now_ms)
     }
 
     /// The lowest log index a held (delayed or half) message sits in.
