@@ -378,7 +378,9 @@ impl AdminService for Admin {
         check_name("consumer group", &req.group).map_err(|e| e.to_status())?;
         let max = if req.max == 0 { 32 } else { req.max.min(1000) } as usize;
         let (found, end) = self.node.sm.dead_letters(&req.group, req.from_offset, max).map_err(|e| e.to_status())?;
-        let next = found.last().map(|(o, _, _)| o + 1).unwrap_or(req.from_offset.max(end.min(req.from_offset)));
+        // A page without readable letters still moves on.
+        let page_end = req.from_offset.saturating_add(max as u64).min(end).max(req.from_offset);
+        let next = found.last().map(|(o, _, _)| o + 1).unwrap_or(page_end);
         let messages = found.iter().map(|(_, origin, r)| self.found(r, Some(origin))).collect();
         Ok(Response::new(pb::DeadLettersReply { messages, next_offset: next, end_offset: end }))
     }

@@ -63,6 +63,10 @@ pub enum Control {
         tx: TxId,
         commit: bool,
         now_ms: u64,
+        /// The topic the producer names: a half message of another topic
+        /// is refused (ACL permissions are per topic). Empty: not checked.
+        #[serde(default)]
+        topic: String,
     },
     /// Counts a check-back of every half message due for one at `now_ms`
     /// (the first `interval_ms` after it was stored, then every
@@ -212,7 +216,16 @@ pub enum Response {
     #[default]
     Done,
     /// Queue offsets given to a batch: `first_offset .. first_offset + count`.
-    Sent { queue: u32, first_offset: u64, count: u32 },
+    /// Messages already stored under the same message id in this topic (a
+    /// producer retrying a send whose answer it lost) are not stored again:
+    /// `duplicates` lists (slot in the batch, queue, offset of the copy kept).
+    Sent {
+        queue: u32,
+        first_offset: u64,
+        count: u32,
+        #[serde(default)]
+        duplicates: Vec<(u32, u32, u64)>,
+    },
     /// Messages popped; their receipt handles carry this entry's log index.
     Popped { messages: Vec<Popped> },
     /// Orphaned half messages checked: the node that holds a producer's

@@ -91,11 +91,11 @@ fn ts(ms: i64) -> prost_types::Timestamp {
 }
 
 fn ts_ms(t: &prost_types::Timestamp) -> i64 {
-    t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
+    t.seconds.saturating_mul(1000).saturating_add(i64::from(t.nanos) / 1_000_000)
 }
 
 fn dur_ms(d: &prost_types::Duration) -> u64 {
-    (d.seconds.max(0) as u64) * 1000 + (d.nanos.max(0) as u64) / 1_000_000
+    (d.seconds.max(0) as u64).saturating_mul(1000).saturating_add((d.nanos.max(0) as u64) / 1_000_000)
 }
 
 fn dur(ms: u64) -> prost_types::Duration {
@@ -192,11 +192,18 @@ impl Auth {
 pub struct Origin {
     forwarded: bool,
     auth: Auth,
+    /// Passed on too: the serving node knows the client (simple consumers
+    /// pop every queue, push consumers' messages are renewed).
+    client_id: Option<String>,
 }
 
 impl Origin {
     fn of<T>(req: &Request<T>) -> Origin {
-        Origin { forwarded: req.metadata().contains_key(FORWARDED_HEADER), auth: Auth::of(req) }
+        Origin {
+            forwarded: req.metadata().contains_key(FORWARDED_HEADER),
+            auth: Auth::of(req),
+            client_id: client_id_of(req),
+        }
     }
 }
 
@@ -390,6 +397,9 @@ impl Messaging {
             let mut r = Request::new(req.clone());
             r.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
             forwarded.auth.copy_to(r.metadata_mut());
+            if let Some(id) = forwarded.client_id.as_ref().and_then(|id| id.parse().ok()) {
+                r.metadata_mut().insert(CLIENT_ID_HEADER, id);
+            }
             r.set_timeout(timeout.unwrap_or(Duration::from_secs(10)));
             match call(client, r).await {
                 Ok(resp) => return Ok(resp.into_inner()),
@@ -612,11 +622,16 @@ impl Messaging {
             let (resp, index) =
                 propose_accepted(&self.node, &topic, command::encode_send(&topic, queue, &bodies)).await?;
             match resp {
-                command::Response::Sent { first_offset, .. } => {
+                command::Response::Sent { first_offset, duplicates, .. } => {
                     // Offsets go to the messages placed in the queue, in order
-                    // (the state machine applies the same rule).
+                    // (the state machine applies the same rule); a duplicate
+                    // of a message stored before gets that one's offset.
                     let mut next = first_offset;
                     for (slot, (i, _, placement)) in items.iter().enumerate() {
+                        if let Some(&(_, _, offset)) = duplicates.iter().find(|d| d.0 == slot as u32) {
+                            out[*i].offset = offset;
+                            continue;
+                        }
                         match placement {
                             Placement::Queue => {
                                 out[*i].offset = next;
@@ -651,6 +666,9 @@ impl Messaging {
     ) -> Result<Vec<(Popped, u64, ReadMessage)>> {
         let until = tokio::time::Instant::now() + poll;
         let default_attempts = self.node.config.limits.max_delivery_attempts;
+        // A Pop may only skip filtered messages or hold FIFO ones: look again
+        // at once, a bounded number of times, before waiting for news.
+        let mut again = 0u32;
         loop {
             let now = now_ms();
             let notified = self.node.sm.activity.notified();
@@ -694,6 +712,10 @@ impl Messaging {
                         if !out.is_empty() {
                             return Ok(out);
                         }
+                        continue;
+                    }
+                    command::Response::Popped { .. } if again < 64 => {
+                        again += 1;
                         continue;
                     }
                     command::Response::Popped { .. } => {}
@@ -882,6 +904,9 @@ impl MessagingService for Messaging {
         &self,
         req: Request<pb::QueryRouteRequest>,
     ) -> std::result::Result<Response<pb::QueryRouteResponse>, Status> {
+        // Not behind ACL: routes say which queues exist, nothing more, and a
+        // client with a bad signature then gets the clear refusal of the
+        // call it makes next instead of "no route".
         let req = req.into_inner();
         let topic = req.topic.clone().unwrap_or_default();
         let (local, remote) = match self.topic_everywhere(&topic.name, false).await {
@@ -932,7 +957,9 @@ impl MessagingService for Messaging {
         let auth = Auth::of(&req);
         let client_id = client_id_of(&req);
         let req = req.into_inner();
-        if let Err(e) = self.authorize(&auth, Action::Sub, &[]) {
+        let group = req.group.as_ref().map(|g| g.name.clone()).filter(|g| !g.is_empty());
+        let resources: Vec<Resource<'_>> = group.as_deref().map(Resource::Group).into_iter().collect();
+        if let Err(e) = self.authorize(&auth, Action::Sub, &resources) {
             return Ok(Response::new(pb::HeartbeatResponse { status: Some(err_status(&e)) }));
         }
         let Some(client_id) = client_id else {
@@ -941,7 +968,6 @@ impl MessagingService for Messaging {
         self.clients.seen(&client_id, req.client_type);
         // Push consumers' liveness is replicated: any node of the group
         // computes the same assignment.
-        let group = req.group.as_ref().map(|g| g.name.clone()).filter(|g| !g.is_empty());
         if req.client_type == pb::ClientType::PushConsumer as i32
             && let Some(group) = group
             && check_name("consumer group", &group).is_ok()
@@ -1281,6 +1307,8 @@ impl MessagingService for Messaging {
         let result: Result<Vec<pb::PullMessageResponse>> = async {
             let mq = req.message_queue.as_ref();
             let topic = mq.and_then(|q| q.topic.as_ref()).map(|t| t.name.clone()).unwrap_or_default();
+            let group = req.group.as_ref().map(|g| g.name.clone()).unwrap_or_default();
+            self.authorize(&forwarded.auth, Action::Sub, &[Resource::Topic(&topic), Resource::Group(&group)])?;
             let conf = self.topic_conf(&topic).await?;
             let queue = match mq.map(|q| q.id) {
                 Some(id) if id >= 0 && (id as u32) < conf.queues => id as u32,
@@ -1359,6 +1387,7 @@ impl MessagingService for Messaging {
             let group = group_name(&req.group)?;
             let mq = req.message_queue.as_ref().ok_or_else(|| BrokerError::BadRequest("no message queue".into()))?;
             let topic = mq.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+            self.authorize(&forwarded.auth, Action::Sub, &[Resource::Topic(&topic), Resource::Group(&group)])?;
             self.topic_conf(&topic).await?;
             if mq.id < 0 || req.offset < 0 {
                 return Err(BrokerError::BadRequest("queue id and offset must not be negative".into()));
@@ -1391,6 +1420,7 @@ impl MessagingService for Messaging {
             let group = group_name(&req.group)?;
             let mq = req.message_queue.as_ref().ok_or_else(|| BrokerError::BadRequest("no message queue".into()))?;
             let topic = mq.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+            self.authorize(&forwarded.auth, Action::Sub, &[Resource::Topic(&topic), Resource::Group(&group)])?;
             // Linearizable: a committed offset is never read back older.
             self.node.linearizable_barrier().await?;
             self.topic_conf_now(&topic)?;
@@ -1422,6 +1452,7 @@ impl MessagingService for Messaging {
         let r: Result<u64> = (|| {
             let mq = req.message_queue.as_ref().ok_or_else(|| BrokerError::BadRequest("no message queue".into()))?;
             let topic = mq.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+            self.authorize(&forwarded.auth, Action::Sub, &[Resource::Topic(&topic)])?;
             self.topic_conf_now(&topic)?;
             let (min, max) = self
                 .node
@@ -1482,7 +1513,7 @@ impl MessagingService for Messaging {
                 Ok(pb::TransactionResolution::Rollback) => false,
                 _ => return Err(BrokerError::BadRequest("resolution must be COMMIT or ROLLBACK".into())),
             };
-            let cmd = Control::EndTransaction { tx, commit, now_ms: now_ms() };
+            let cmd = Control::EndTransaction { tx, commit, now_ms: now_ms(), topic: topic.clone() };
             propose_done(&self.node, &topic, &cmd).await?;
             tracing::debug!(transaction = %req.transaction_id, commit, source = req.source, "transaction ended");
             Ok(())

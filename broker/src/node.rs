@@ -206,7 +206,12 @@ impl BrokerNode {
                 let sm = n.sm.clone();
                 drop(n);
                 if let Err(e) = tokio::task::spawn_blocking(move || sm.checkpoint()).await.expect("join") {
-                    tracing::error!(error = %e, "state checkpoint failed");
+                    // The changes it took are not on disk; a later checkpoint
+                    // would store a newer applied id without them. Exit: the
+                    // restart resumes at the last good checkpoint and
+                    // re-applies the log from there.
+                    tracing::error!(error = %e, "state checkpoint failed: exiting so the node restarts and recovers");
+                    std::process::exit(70);
                 }
             }
         });

@@ -27,8 +27,10 @@ use crate::sm::Inflight;
 /// New messages looked at per queue per Pop, at most.
 pub const SCAN_LIMIT: u64 = 4096;
 /// Messages a FIFO group may hold back per queue, at most (beyond, the pop
-/// stops looking further ahead until some are delivered).
-pub const HELD_LIMIT: usize = 65_536;
+/// stops looking further ahead until some are delivered). A FIFO pop reads
+/// the message group of every held and in-flight message from the log, so
+/// this bounds its work too.
+pub const HELD_LIMIT: usize = 8_192;
 
 /// What a pop needs to know of a message.
 #[derive(Debug, Clone, Default)]

@@ -857,12 +857,21 @@ impl SmShared {
             };
             parsed.push((record, m));
         }
+        let mut duplicates = Vec::new();
+        for (slot, (_, m)) in parsed.iter().enumerate() {
+            if command::placement(m) == Placement::Queue
+                && let Some((q, o)) = self.stored_copy(st, &batch.topic, &m.message_id)?
+            {
+                duplicates.push((slot as u32, q, o));
+            }
+        }
         let q = st.queues.get_mut(&key).expect("checked");
         let first_offset = q.max_offset();
         let mut count = 0u32;
         let mut held = Vec::new();
         for (slot, (record, m)) in parsed.iter().enumerate() {
             match command::placement(m) {
+                Placement::Queue if duplicates.iter().any(|d| d.0 == slot as u32) => {}
                 Placement::Queue => {
                     q.append(std::slice::from_ref(record))?;
                     index_message(keys, &batch.topic, batch.queue, first_offset + u64::from(count), m);
@@ -889,7 +898,27 @@ impl SmShared {
         }
         st.dirty_queues.insert(key);
         st.messages_applied += u64::from(count);
-        Ok(Response::Sent { queue: batch.queue, first_offset, count })
+        Ok(Response::Sent { queue: batch.queue, first_offset, count, duplicates })
+    }
+
+    /// Where a message with this id is already in a ConsumeQueue of the
+    /// topic. Index rows pointing past a queue's current end are ignored:
+    /// they were written before a crash by the very entries being applied
+    /// again now (rows go to RocksDB at apply, the queue lengths at the
+    /// checkpoint), so replay decides exactly as the first apply did.
+    fn stored_copy(&self, st: &SmState, topic: &str, id: &str) -> Result<Option<(u32, u64)>> {
+        if id.is_empty() {
+            return Ok(None);
+        }
+        let prefix = format!("k/\x01{id}\0{topic}\0");
+        for rest in self.index_rows(prefix.as_bytes(), 16)? {
+            if let Some((q, o)) = queue_offset(&rest)
+                && st.queues.get(&(topic.to_string(), q)).is_some_and(|c| o < c.max_offset())
+            {
+                return Ok(Some((q, o)));
+            }
+        }
+        Ok(None)
     }
 
     /// Appends a held message to its ConsumeQueue (dropped when its topic
@@ -1131,7 +1160,13 @@ impl SmShared {
                 }
                 Ok(Response::Done)
             }
-            Control::EndTransaction { tx, commit, now_ms } => {
+            Control::EndTransaction { tx, commit, now_ms, topic } => {
+                if !topic.is_empty() && st.held.halves.get(&tx).is_some_and(|h| h.msg.topic != topic) {
+                    return refused(
+                        RefusedCode::TransactionNotFound,
+                        format!("transaction {}.{} is not of topic {topic}", tx.index, tx.slot),
+                    );
+                }
                 let Some(h) = st.held.remove_half(&tx) else {
                     return refused(
                         RefusedCode::TransactionNotFound,
@@ -1199,11 +1234,13 @@ impl SmShared {
                 }
                 let gkey = (group, o.topic, o.queue);
                 let g = st.groups.entry(gkey.clone()).or_default();
-                // Due at once, and its next delivery is attempt 1.
-                g.held.remove(&o.offset);
-                g.inflight.insert(o.offset, Inflight { visible_at_ms: 0, attempt: 0, pop_index: 0 });
-                g.pop_offset = g.pop_offset.max(o.offset + 1);
-                g.committed = g.committed.min(o.offset);
+                // Due at once, and its next delivery is attempt 1. At or past
+                // the group's position (it was reset back) it comes anyway.
+                if o.offset < g.pop_offset {
+                    g.held.remove(&o.offset);
+                    g.inflight.insert(o.offset, Inflight { visible_at_ms: 0, attempt: 0, pop_index: 0 });
+                    g.committed = g.committed.min(o.offset);
+                }
                 st.dirty_groups.insert(gkey);
                 Ok(Response::Done)
             }
@@ -1299,6 +1336,7 @@ impl SmShared {
                 g.committed = offset;
                 g.pop_offset = offset;
                 g.inflight.clear();
+                g.held.clear();
                 st.dirty_groups.insert(gkey);
                 Ok(Response::Done)
             }
