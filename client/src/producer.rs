@@ -38,7 +38,6 @@ pub struct Producer {
     pub(crate) endpoints: Arc<Endpoints>,
     pub(crate) options: ProducerOptions,
     host: String,
-    seq: Arc<AtomicU64>,
 }
 
 impl Producer {
@@ -48,7 +47,7 @@ impl Producer {
     }
 
     pub(crate) fn with_endpoints(endpoints: Arc<Endpoints>, options: ProducerOptions) -> Self {
-        Self { endpoints, options, host: hostname(), seq: Arc::new(AtomicU64::new(0)) }
+        Self { endpoints, options, host: hostname() }
     }
 
     /// The `x-mq-client-id` this producer sends.
@@ -56,11 +55,22 @@ impl Producer {
         &self.endpoints.client_id
     }
 
+    /// A message id unique across producers, processes and hosts: the
+    /// broker stores a message once per id (a retried send is not stored
+    /// twice), so two messages must never share one. Time (ms), a hash of
+    /// the host name, the process id, and a counter shared by every
+    /// producer of the process.
     fn message_id(&self) -> String {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let host =
+            self.host.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         format!(
-            "{:016X}{:016X}",
-            now_ms() as u64,
-            self.seq.fetch_add(1, Ordering::Relaxed) ^ (std::process::id() as u64) << 40
+            "{:012X}{:08X}{:06X}{:06X}",
+            now_ms() as u64 & 0xFFFF_FFFF_FFFF,
+            host as u32,
+            std::process::id() & 0xFF_FFFF,
+            seq & 0xFF_FFFF
         )
     }
 
@@ -163,6 +173,16 @@ fn send_result(resp: pb::SendMessageResponse) -> Result<Vec<SendReceipt>> {
 mod tests {
     use super::*;
     use raftmq_proto::rocketmq::Code;
+
+    #[tokio::test]
+    async fn message_ids_never_repeat_across_producers_of_a_process() {
+        let eps = ["127.0.0.1:1".to_string()];
+        let a = Producer::new(&eps, ProducerOptions::default()).unwrap();
+        let b = Producer::new(&eps, ProducerOptions::default()).unwrap();
+        let ids: std::collections::HashSet<String> = (0..1000).flat_map(|_| [a.message_id(), b.message_id()]).collect();
+        assert_eq!(ids.len(), 2000);
+        assert!(ids.iter().all(|id| id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit())));
+    }
 
     fn ok() -> Option<pb::Status> {
         Some(pb::Status { code: Code::Ok as i32, message: String::new() })
