@@ -38,23 +38,20 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
 use std::fmt;
 
-use hmac::Hmac;
-use hmac::Mac;
 use serde::Deserialize;
 use serde::Serialize;
-use sha1::Sha1;
 
-/// gRPC metadata key of the signed authorization header.
-pub const AUTHORIZATION_HEADER: &str = "authorization";
-/// gRPC metadata key of the signed date-time header.
-pub const DATE_TIME_HEADER: &str = "x-mq-date-time";
-/// The only supported authorization method.
-pub const AUTH_METHOD: &str = "MQv2-HMAC-SHA1";
+pub use raftmq_proto::auth::AUTH_METHOD;
+pub use raftmq_proto::auth::AUTHORIZATION_HEADER;
+pub use raftmq_proto::auth::DATE_TIME_HEADER;
+use raftmq_proto::auth::SIG_LEN;
+#[cfg(test)]
+use raftmq_proto::auth::encode_hex;
+pub use raftmq_proto::auth::format_date_time;
+use raftmq_proto::auth::hmac_sha1;
+pub use raftmq_proto::auth::sign;
 /// Longest accepted `authorization` or `x-mq-date-time` value, bytes.
 pub const MAX_HEADER_LEN: usize = 1024;
-
-/// Length of an HMAC-SHA1 digest, bytes.
-const SIG_LEN: usize = 20;
 
 /// `[acl]` table of the broker's TOML config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -479,15 +476,6 @@ fn parse_authorization(header: &str) -> Result<ParsedAuth<'_>, AclError> {
     Ok(ParsedAuth { access_key, signature })
 }
 
-/// HMAC-SHA1 of `msg` keyed with `key`.
-fn hmac_sha1(key: &[u8], msg: &[u8]) -> [u8; SIG_LEN] {
-    // HMAC accepts keys of any length (long keys are hashed), so this never
-    // fails whatever the key.
-    let mut mac = <Hmac<Sha1> as Mac>::new_from_slice(key).expect("HMAC-SHA1 accepts keys of any length");
-    mac.update(msg);
-    mac.finalize().into_bytes().into()
-}
-
 /// Equality that takes the same time wherever the inputs differ.
 fn constant_time_eq(a: &[u8; SIG_LEN], b: &[u8; SIG_LEN]) -> bool {
     a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -513,33 +501,6 @@ fn decode_hex_sig(s: &str) -> Option<[u8; SIG_LEN]> {
         *o = (hex_value(pair[0])? << 4) | hex_value(pair[1])?;
     }
     Some(out)
-}
-
-/// Lower-case hex, as the official clients write it.
-fn encode_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    s
-}
-
-/// Builds the `authorization` header value the clients send for
-/// `x-mq-date-time: date_time` (lower-case hex signature).
-pub fn sign(access_key: &str, secret_key: &str, date_time: &str) -> String {
-    let signature = encode_hex(&hmac_sha1(secret_key.as_bytes(), date_time.as_bytes()));
-    format!("{AUTH_METHOD} Credential={access_key}, SignedHeaders={DATE_TIME_HEADER}, Signature={signature}")
-}
-
-/// Formats Unix ms as an `x-mq-date-time` value in UTC, `20231122T051833Z`.
-pub fn format_date_time(unix_ms: u64) -> String {
-    let secs = unix_ms / 1000;
-    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
 }
 
 /// Parses an `x-mq-date-time` value to Unix ms: `YYYYMMDDTHHMMSSZ` or
@@ -651,20 +612,6 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let doy = (153 * mp + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
-}
-
-/// Inverse of [`days_from_civil`].
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 #[cfg(test)]

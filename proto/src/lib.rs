@@ -5,7 +5,8 @@
 //! - [`raft`]: the Raft transport between the nodes of a group;
 //! - [`store`]: how a message is stored in a CommitLog entry;
 //! - [`admin`]: the admin API of a node (CLI, forwarding, follower reads);
-//! - [`namesrv`]: the name server.
+//! - [`namesrv`]: the name server;
+//! - [`auth`]: how client requests are signed (ACL).
 
 #![allow(clippy::all, missing_docs)]
 
@@ -24,6 +25,8 @@ pub mod store {
 pub mod admin {
     tonic::include_proto!("raftmq.admin");
 }
+
+pub mod auth;
 
 pub mod namesrv {
     tonic::include_proto!("raftmq.namesrv");
