@@ -2,7 +2,8 @@
 
 use raftmq_proto::rocketmq::Code;
 
-#[derive(Debug, thiserror::Error)]
+/// Clone: one failed proposal answers every request batched into it.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     #[error("topic {0} not found")]
     TopicNotFound(String),

@@ -21,6 +21,7 @@
 
 pub mod acl;
 pub mod admin;
+pub mod batcher;
 pub mod clients;
 pub mod command;
 pub mod config;

@@ -35,11 +35,11 @@ use tonic::Status;
 use crate::acl::Acl;
 use crate::acl::Action;
 use crate::acl::Resource;
+use crate::batcher::Outcome;
 use crate::clients::CLIENT_ID_HEADER;
 use crate::clients::Clients;
 use crate::command::Control;
 use crate::command::FilterSpec;
-use crate::command::Placement;
 use crate::command::Popped;
 use crate::command::RefusedCode;
 use crate::command::{self};
@@ -133,7 +133,7 @@ pub fn decode_handle(h: &str) -> Result<Handle> {
 
 /// Proposes a command; a refusal (the same on every node) becomes the
 /// error a client gets for it. `topic` names the topic for "not found".
-async fn propose_accepted(node: &BrokerNode, topic: &str, cmd: Vec<u8>) -> Result<(command::Response, u64)> {
+pub(crate) async fn propose_accepted(node: &BrokerNode, topic: &str, cmd: Vec<u8>) -> Result<(command::Response, u64)> {
     let (resp, index) = node.propose(cmd).await?;
     match resp {
         command::Response::Refused { code, message } => Err(match code {
@@ -158,6 +158,9 @@ async fn propose_done(node: &BrokerNode, topic: &str, cmd: &Control) -> Result<(
         other => Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
     }
 }
+
+/// Response header naming the group leader's address (SendMessage).
+pub const LEADER_HEADER: &str = "x-raftmq-leader";
 
 /// The prefix of dead-letter topics.
 pub const DLQ_PREFIX: &str = "%DLQ%";
@@ -595,19 +598,14 @@ impl Messaging {
         }
         let conf = self.topic_conf(&topic).await?;
         let now = now_ms() as i64;
-        let rr = self.node.next_round_robin();
-        // Queue per message: FIFO groups hash to a fixed queue, others share one.
-        let mut by_queue: HashMap<u32, Vec<(usize, Vec<u8>, Placement)>> = HashMap::new();
+        // Messages of a FIFO message group go to the queue their group
+        // hashes to; the others to the queue their batch picks.
+        let mut by_lane: HashMap<Option<u32>, Vec<(usize, StoredMessage)>> = HashMap::new();
         for (i, m) in messages.iter().enumerate() {
-            let mut s = self.to_stored(m, now)?;
-            let queue = if s.message_group.is_empty() {
-                (rr % u64::from(conf.queues)) as u32
-            } else {
-                (crate::cq::tag_hash(&s.message_group) % u64::from(conf.queues)) as u32
-            };
-            s.queue_id = queue;
-            let placement = command::placement(&s);
-            by_queue.entry(queue).or_default().push((i, s.encode_to_vec(), placement));
+            let s = self.to_stored(m, now)?;
+            let lane = (!s.message_group.is_empty())
+                .then(|| (crate::cq::tag_hash(&s.message_group) % u64::from(conf.queues)) as u32);
+            by_lane.entry(lane).or_default().push((i, s));
         }
         let mut out: Vec<SendOutcome> = messages
             .iter()
@@ -617,35 +615,17 @@ impl Messaging {
                 transaction_id: String::new(),
             })
             .collect();
-        for (queue, items) in by_queue {
-            let bodies: Vec<Vec<u8>> = items.iter().map(|(_, b, _)| b.clone()).collect();
-            let (resp, index) =
-                propose_accepted(&self.node, &topic, command::encode_send(&topic, queue, &bodies)).await?;
-            match resp {
-                command::Response::Sent { first_offset, duplicates, .. } => {
-                    // Offsets go to the messages placed in the queue, in order
-                    // (the state machine applies the same rule); a duplicate
-                    // of a message stored before gets that one's offset.
-                    let mut next = first_offset;
-                    for (slot, (i, _, placement)) in items.iter().enumerate() {
-                        if let Some(&(_, _, offset)) = duplicates.iter().find(|d| d.0 == slot as u32) {
-                            out[*i].offset = offset;
-                            continue;
-                        }
-                        match placement {
-                            Placement::Queue => {
-                                out[*i].offset = next;
-                                next += 1;
-                            }
-                            Placement::Half => {
-                                let tx = command::TxId { index, slot: slot as u32 };
-                                out[*i].transaction_id = crate::clients::encode_tx(&self.node.config.broker_name, tx);
-                            }
-                            Placement::Delayed => {}
-                        }
+        for (lane, items) in by_lane {
+            let (slots, stored): (Vec<usize>, Vec<StoredMessage>) = items.into_iter().unzip();
+            let outcomes = self.node.sends.send(&self.node, &topic, lane, conf.queues, stored).await?;
+            for (i, o) in slots.into_iter().zip(outcomes) {
+                match o {
+                    Outcome::Queued { offset, .. } => out[i].offset = offset,
+                    Outcome::Half(tx) => {
+                        out[i].transaction_id = crate::clients::encode_tx(&self.node.config.broker_name, tx)
                     }
+                    Outcome::Delayed => {}
                 }
-                other => return Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
             }
         }
         self.node.stats.messages_sent.fetch_add(messages.len() as u64, Ordering::Relaxed);
@@ -1039,7 +1019,15 @@ impl MessagingService for Messaging {
                 pb::SendMessageResponse { status: Some(s), entries }
             }
         };
-        Ok(Response::new(resp))
+        let mut resp = Response::new(resp);
+        // Our client sends to the leader once it knows it (one hop fewer);
+        // other clients ignore the header.
+        if let Some(addr) = self.node.leader_addr()
+            && let Ok(v) = addr.parse()
+        {
+            resp.metadata_mut().insert(LEADER_HEADER, v);
+        }
+        Ok(resp)
     }
 
     async fn query_assignment(

@@ -55,6 +55,8 @@ pub struct BrokerNode {
     pub stats: Stats,
     /// Routes to the other groups of the cluster.
     pub routes: Routes,
+    /// Concurrent sends batched into shared Raft entries.
+    pub sends: crate::batcher::SendBatcher,
     /// One lazily connected channel per peer address, shared by the admin
     /// and client-API clients made on it.
     peers: Mutex<HashMap<String, Channel>>,
@@ -147,6 +149,7 @@ impl BrokerNode {
             log,
             stats: Stats::default(),
             routes: Routes::new(&config.broker_name, &config.namesrv),
+            sends: crate::batcher::SendBatcher::default(),
             peers: Mutex::new(HashMap::new()),
             config,
             round_robin: AtomicU64::new(0),
@@ -258,6 +261,16 @@ impl BrokerNode {
         self.raft.metrics().borrow_watched().current_leader
     }
 
+    /// The address of node `id` in the group's membership.
+    pub fn node_addr(&self, id: u64) -> Option<String> {
+        self.raft.metrics().borrow_watched().membership_config.membership().get_node(&id).map(|n| n.addr.clone())
+    }
+
+    /// The current leader's address, if this node knows one.
+    pub fn leader_addr(&self) -> Option<String> {
+        self.leader_id().and_then(|l| self.node_addr(l))
+    }
+
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow_watched().state == ServerState::Leader
     }
@@ -324,15 +337,7 @@ impl BrokerNode {
                     other => return other,
                 }
             } else if let Some(l) = leader {
-                let addr = self
-                    .raft
-                    .metrics()
-                    .borrow_watched()
-                    .membership_config
-                    .membership()
-                    .get_node(&l)
-                    .map(|n| n.addr.clone());
-                if let Some(addr) = addr {
+                if let Some(addr) = self.node_addr(l) {
                     let mut client = self.admin_client(&addr)?;
                     let mut req = tonic::Request::new(ProposeRequest { command: cmd.clone().into() });
                     req.set_timeout(Duration::from_secs(5));
