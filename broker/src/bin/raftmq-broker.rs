@@ -25,12 +25,19 @@ fn init_tracing(json: bool) {
     if json { b.json().init() } else { b.init() }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(args.log_json);
     let text = std::fs::read_to_string(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
     let config = BrokerConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if config.worker_threads > 0 {
+        rt.worker_threads(config.worker_threads);
+    }
+    rt.enable_all().build().context("starting the async runtime")?.block_on(run(config))
+}
+
+async fn run(config: BrokerConfig) -> anyhow::Result<()> {
     let addr = config.listen_addr().parse().with_context(|| format!("listen address {}", config.listen_addr()))?;
     tracing::info!(node = config.node_id, group = %config.broker_name, %addr, "starting");
     let node = BrokerNode::start(config).await?;
