@@ -94,8 +94,8 @@ pub use transaction::TransactionChecker;
 pub use transaction::TransactionProducer;
 pub use transaction::TransactionResolution;
 
-/// Client errors.
-#[derive(Debug, thiserror::Error)]
+/// Client errors. Clone: one failed request answers every send coalesced into it.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
     /// The client was created without any endpoint.
     #[error("no endpoint given")]
@@ -203,6 +203,9 @@ pub(crate) struct Endpoints {
     /// Per endpoint: (consecutive failures, avoid until).
     health: Mutex<HashMap<usize, (u32, Instant)>>,
     pub(crate) next: AtomicU64,
+    /// The endpoint the broker named as its group's leader (`x-raftmq-leader`),
+    /// `usize::MAX` if none: writes go there first.
+    leader: std::sync::atomic::AtomicUsize,
     /// Topic -> (fetched, its queues as (broker group, queue id)).
     routes: Mutex<HashMap<String, (Instant, Vec<QueueRef>)>>,
 }
@@ -215,6 +218,9 @@ pub struct QueueRef {
     /// The queue id inside that group.
     pub queue: u32,
 }
+
+/// Response header in which a broker names its group's leader (SendMessage).
+pub const LEADER_HEADER: &str = "x-raftmq-leader";
 
 /// How long a topic route is reused before asking again.
 const ROUTE_FRESH_FOR: Duration = Duration::from_secs(10);
@@ -243,6 +249,7 @@ impl Endpoints {
             client_id,
             health: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
+            leader: std::sync::atomic::AtomicUsize::new(usize::MAX),
             routes: Mutex::new(HashMap::new()),
         })
     }
@@ -319,7 +326,31 @@ impl Endpoints {
         (0..n).min_by_key(|i| h.get(i).map(|(_, u)| *u)).unwrap_or(0)
     }
 
+    /// The endpoint for a write: the known leader while it is healthy,
+    /// else [`pick`](Self::pick).
+    pub(crate) fn pick_for_write(&self) -> usize {
+        let l = self.leader.load(Ordering::Relaxed);
+        if l < self.addrs.len() {
+            let h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+            if h.get(&l).is_none_or(|(_, until)| *until <= Instant::now()) {
+                return l;
+            }
+        }
+        self.pick()
+    }
+
+    /// Remembers the leader a broker named in a reply's `x-raftmq-leader`
+    /// header, if it is one of our endpoints.
+    pub(crate) fn note_leader(&self, meta: &tonic::metadata::MetadataMap) {
+        let Some(addr) = meta.get(LEADER_HEADER).and_then(|v| v.to_str().ok()) else { return };
+        if let Some(i) = self.addrs.iter().position(|a| a == addr) {
+            self.leader.store(i, Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn failed(&self, i: usize) {
+        // A failing leader is forgotten until a reply names one again.
+        let _ = self.leader.compare_exchange(i, usize::MAX, Ordering::Relaxed, Ordering::Relaxed);
         let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
         let e = h.entry(i).or_insert((0, Instant::now()));
         e.0 += 1;

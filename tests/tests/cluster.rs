@@ -90,7 +90,8 @@ fn leader_kill_mid_stream_loses_no_acknowledged_message() {
     let (acked, unknown, failover) = rt.block_on(async {
         let (_, admin) = wait_for_leader(&c, Duration::from_secs(30)).await;
         create_topic(&admin, "orders", 4).await;
-        let opts = ProducerOptions { max_attempts: 20, request_timeout: Duration::from_secs(5) };
+        let opts =
+            ProducerOptions { max_attempts: 20, request_timeout: Duration::from_secs(5), ..ProducerOptions::default() };
         let producer = Producer::new(&c.addrs(), opts).unwrap();
         let acked: Arc<Mutex<BTreeMap<String, (u64, u64)>>> = Arc::default(); // body -> (producer, seq)
         let unknown: Arc<Mutex<HashSet<String>>> = Arc::default();

@@ -177,7 +177,8 @@ fn a_send_through_a_follower_does_not_wait_for_a_paused_leader() {
         create_topic(&admin, "t", 2).await;
         let follower = c.nodes.iter().map(|(id, _)| *id).find(|id| *id != leader).unwrap();
         let f_addr = c.nodes[c.index_of(follower)].1.clone();
-        let opts = ProducerOptions { max_attempts: 1, request_timeout: Duration::from_secs(4) };
+        let opts =
+            ProducerOptions { max_attempts: 1, request_timeout: Duration::from_secs(4), ..ProducerOptions::default() };
         let p = Producer::new(std::slice::from_ref(&f_addr), opts).unwrap();
         p.send("t", OutMessage::new("before")).await.unwrap();
         c.pause_node(c.index_of(leader), true);
