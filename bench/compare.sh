@@ -68,11 +68,11 @@ bench() { # system durability file-stem args...
 }
 
 if [ "$QUICK" = 1 ]; then
-    SECS=3; DRAIN=20000; SIZES_64="1024"; PRODUCERS_1K="16"
+    SECS=3; DRAIN=20000; SIZES_64="1024"; PRODUCERS_1K="16"; ROUNDS=2
 else
     # DRAIN_MESSAGES: the backlog drained (JetStream with an fsync per
     # message builds a million in about 11 minutes here).
-    SECS=10; DRAIN=${DRAIN_MESSAGES:-1000000}; SIZES_64="128 16384"; PRODUCERS_1K="1 16 64"
+    SECS=10; DRAIN=${DRAIN_MESSAGES:-1000000}; SIZES_64="128 16384"; PRODUCERS_1K="1 16 64"; ROUNDS=7
 fi
 RATE=""
 IFS=, read -r -a systems <<< "$SYSTEMS"
@@ -98,6 +98,12 @@ for dur in equal default; do
             bench "$sys" "$dur" fixed-rate --size 1024 fixed-rate --rate "$RATE" --producers 64 --seconds "$SECS"
             bench "$sys" "$dur" e2e --size 1024 e2e --rate "$RATE" --producers 64 --consumers 8 --seconds "$SECS"
             bench "$sys" "$dur" drain --size 1024 drain --messages "$DRAIN" --producers 64 --consumers 8
+            if [ "$sys" = raftmq ]; then
+                # kill -9 of the leader to the first acknowledged write.
+                "$BIN/raftmq-bench" --servers "$SERVERS" failover --rounds "$ROUNDS" \
+                    --kill-cmd 'bash bench/raftmq.sh kill-node {id}' \
+                    --restart-cmd 'bash bench/raftmq.sh restart-node {id}' | tee "$OUT/failover.txt"
+            fi
         fi
         stop "$sys"
     done

@@ -9,10 +9,11 @@ use async_nats::jetstream::consumer::AckPolicy;
 use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::stream;
 use bytes::Bytes;
+use futures::FutureExt;
 use futures::StreamExt;
 
-/// Messages per fetch.
-const FETCH_BATCH: usize = 256;
+/// Messages a receive returns at most.
+const RECEIVE_BATCH: usize = 256;
 
 #[derive(Clone)]
 pub struct Nats {
@@ -41,6 +42,16 @@ impl Nats {
         })
         .await
         .with_context(|| format!("creating stream {name} (3 replicas)"))?;
+        // A new R3 stream refuses publishes until its Raft group has a
+        // leader: wait for one (bounded) so no run starts with errors.
+        let stream = js.get_stream(&name).await?;
+        for _ in 0..100 {
+            let leader = stream.get_info().await.ok().and_then(|i| i.cluster).and_then(|c| c.leader);
+            if leader.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         Ok(Self { js, stream: name })
     }
 
@@ -67,7 +78,9 @@ impl Nats {
             )
             .await
             .with_context(|| format!("creating consumer {group}"))?;
-        Ok(Consumer { consumer })
+        // The client's continuous pull (batches of 500 requested ahead).
+        let messages = consumer.messages().await.map_err(|e| anyhow::anyhow!("pull: {e}"))?;
+        Ok(Consumer { messages })
     }
 }
 
@@ -86,30 +99,32 @@ impl Publisher {
 }
 
 pub struct Consumer {
-    consumer: jetstream::consumer::Consumer<pull::Config>,
+    messages: pull::Stream,
 }
 
 impl Consumer {
-    /// Fetches up to [`FETCH_BATCH`] messages and acknowledges the last one
-    /// (ack-all covers the batch).
+    /// The messages that arrive within `wait` of the first (at most
+    /// [`RECEIVE_BATCH`], without waiting after the first), acknowledging
+    /// the last one (ack-all covers the batch).
     pub async fn receive(&mut self, wait: Duration) -> anyhow::Result<Vec<Bytes>> {
-        let mut batch = self
-            .consumer
-            .fetch()
-            .max_messages(FETCH_BATCH)
-            .expires(wait.max(Duration::from_millis(10)))
-            .messages()
-            .await?;
-        let mut out = Vec::new();
-        let mut last = None;
-        while let Some(m) = batch.next().await {
-            let m = m.map_err(|e| anyhow::anyhow!("fetch: {e}"))?;
-            out.push(m.payload.clone());
-            last = Some(m);
+        let first = match tokio::time::timeout(wait, self.messages.next()).await {
+            Err(_) => return Ok(Vec::new()),
+            Ok(None) => anyhow::bail!("pull stream ended"),
+            Ok(Some(m)) => m.map_err(|e| anyhow::anyhow!("pull: {e}"))?,
+        };
+        let mut out = vec![first.payload.clone()];
+        let mut last = first;
+        while out.len() < RECEIVE_BATCH {
+            match self.messages.next().now_or_never() {
+                Some(Some(m)) => {
+                    let m = m.map_err(|e| anyhow::anyhow!("pull: {e}"))?;
+                    out.push(m.payload.clone());
+                    last = m;
+                }
+                _ => break,
+            }
         }
-        if let Some(m) = last {
-            m.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
-        }
+        last.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
         Ok(out)
     }
 }

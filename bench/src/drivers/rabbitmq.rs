@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use futures::FutureExt;
 use futures::StreamExt;
 use lapin::BasicProperties;
 use lapin::Channel;
@@ -99,28 +100,27 @@ pub struct Consumer {
 
 impl Consumer {
     /// The deliveries that arrive within `wait` of the first (at most
-    /// [`PREFETCH`]), acknowledged together with `multiple`.
+    /// [`PREFETCH`], without waiting after the first), acknowledged
+    /// together with `multiple`.
     pub async fn receive(&mut self, wait: Duration) -> anyhow::Result<Vec<Bytes>> {
-        let mut out = Vec::new();
-        let mut last = None;
-        let deadline = tokio::time::Instant::now() + wait;
+        let first = match tokio::time::timeout(wait, self.consumer.next()).await {
+            Err(_) => return Ok(Vec::new()),
+            Ok(None) => anyhow::bail!("consumer cancelled"),
+            Ok(Some(d)) => d?,
+        };
+        let mut out = vec![Bytes::from(first.data.clone())];
+        let mut last = first;
         while out.len() < PREFETCH as usize {
-            // After the first delivery, take only what is already there.
-            let until =
-                if out.is_empty() { deadline } else { tokio::time::Instant::now() + Duration::from_micros(200) };
-            match tokio::time::timeout_at(until, self.consumer.next()).await {
-                Ok(Some(d)) => {
+            match self.consumer.next().now_or_never() {
+                Some(Some(d)) => {
                     let d = d?;
                     out.push(Bytes::from(d.data.clone()));
-                    last = Some(d);
+                    last = d;
                 }
-                Ok(None) => anyhow::bail!("consumer cancelled"),
-                Err(_) => break,
+                _ => break,
             }
         }
-        if let Some(d) = last {
-            d.ack(BasicAckOptions { multiple: true }).await?;
-        }
+        last.ack(BasicAckOptions { multiple: true }).await?;
         Ok(out)
     }
 }
