@@ -92,6 +92,25 @@ fn result(
     }
 }
 
+/// Waits for a run's tasks and stops its sampler: the run's seconds, its
+/// messages per second and every task's latencies.
+async fn finish(
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    started: Instant,
+    sampler: tokio::task::JoinHandle<()>,
+    series: &Mutex<Vec<u64>>,
+    lat: &Mutex<Latencies>,
+) -> anyhow::Result<(f64, Vec<u64>, Latencies)> {
+    for t in tasks {
+        t.await?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    sampler.abort();
+    let per_second = series.lock().unwrap().clone();
+    let lat = lat.lock().unwrap().clone();
+    Ok((secs, per_second, lat))
+}
+
 /// Microseconds since the first call in this process (a monotonic clock the
 /// producer and consumer tasks share).
 fn now_us() -> u64 {
@@ -147,13 +166,7 @@ pub async fn produce(d: &Driver, c: &Common, producers: usize, seconds: u64) -> 
             lat.lock().unwrap().merge(local);
         }));
     }
-    for t in tasks {
-        t.await?;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    sampler.abort();
-    let per_second = series.lock().unwrap().clone();
-    let lat = lat.lock().unwrap().clone();
+    let (secs, per_second, lat) = finish(tasks, started, sampler, &series, &lat).await?;
     Ok(result(
         c,
         "produce",
@@ -279,13 +292,7 @@ pub async fn fixed_rate(
         }
     }
     done.store(true, Ordering::Relaxed);
-    for t in ctasks {
-        t.await?;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    sampler.abort();
-    let per_second = series.lock().unwrap().clone();
-    let lat = lat.lock().unwrap().clone();
+    let (secs, per_second, lat) = finish(ctasks, started, sampler, &series, &lat).await?;
     let (workload, meter, note) = if e2e {
         let missing = sent.count().saturating_sub(received.count());
         (
@@ -388,13 +395,7 @@ pub async fn drain(
             lat.lock().unwrap().merge(local);
         }));
     }
-    for t in ctasks {
-        t.await?;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    sampler.abort();
-    let per_second = series.lock().unwrap().clone();
-    let lat = lat.lock().unwrap().clone();
+    let (secs, per_second, lat) = finish(ctasks, started, sampler, &series, &lat).await?;
     let note = format!(
         "backlog of {messages} built by {producers} producers in {build_secs:.1} s ({:.0} msg/s); {} received; latency is per receive call",
         messages as f64 / build_secs,

@@ -188,8 +188,19 @@ async fn push_consumer_acks_retries_and_dead_letters() {
     assert_eq!(c.retry_policy().delay(1), Duration::from_secs(3));
     mock.wait_for("all settled", |s| s.acks.len() == 1 && s.changes.len() == 2 && s.dead_letters.len() == 1).await;
     assert_eq!(c.assigned(), vec![("broker-a".to_string(), 0)]);
-    let stats = c.stats();
-    assert_eq!((stats.received, stats.acked, stats.retried, stats.dead_lettered), (4, 1, 2, 1));
+    // The mock records a call before it answers; the consumer counts it
+    // after the answer: wait (bounded) for the counters to catch up.
+    let counts = |c: &PushConsumer| {
+        let s = c.stats();
+        (s.received, s.acked, s.retried, s.dead_lettered)
+    };
+    for _ in 0..100 {
+        if counts(&c) == (4, 1, 2, 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counts(&c), (4, 1, 2, 1));
     {
         let st = mock.lock();
         assert_eq!(st.acks[0].entries[0].message_id, "ok");
