@@ -5,7 +5,7 @@
 # and an SVG per workload into the results directory.
 #
 #   bench/compare.sh                 # the full matrix (about 40 minutes)
-#   bench/compare.sh --quick         # a short smoke version (CI)
+#   bench/compare.sh --quick         # a short smoke version, equal durability only (CI)
 #   options: --out DIR (default bench/results/<date>), --profile debug|release
 #            (default release), --systems raftmq,nats,rabbitmq
 #
@@ -68,15 +68,17 @@ bench() { # system durability file-stem args...
 }
 
 if [ "$QUICK" = 1 ]; then
-    SECS=3; DRAIN=20000; SIZES_64="1024"; PRODUCERS_1K="16"; ROUNDS=2
+    # Equal durability only: a smoke run that keeps CI short.
+    SECS=3; DRAIN=20000; SIZES_64="1024"; PRODUCERS_1K="16"; ROUNDS=2; CLASSES="equal"
 else
     # DRAIN_MESSAGES: the backlog drained (JetStream with an fsync per
     # message builds a million in about 11 minutes here).
     SECS=10; DRAIN=${DRAIN_MESSAGES:-1000000}; SIZES_64="128 16384"; PRODUCERS_1K="1 16 64"; ROUNDS=7
+    CLASSES="equal default"
 fi
 RATE=""
 IFS=, read -r -a systems <<< "$SYSTEMS"
-for dur in equal default; do
+for dur in $CLASSES; do
     for sys in "${systems[@]}"; do
         echo "== $sys ($dur durability)"
         start "$sys" "$dur"
