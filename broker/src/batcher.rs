@@ -132,7 +132,7 @@ impl SendBatcher {
     async fn flush(&self, node: &Arc<BrokerNode>, key: LaneKey) {
         let max_messages = node.config.limits.max_batch_messages as usize;
         loop {
-            let batch = {
+            let mut batch = {
                 let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
                 let Some(lane) = lanes.get_mut(&key) else { return };
                 let batch = take_batch(&mut lane.waiting, max_messages, MAX_BATCH_BYTES);
@@ -146,7 +146,7 @@ impl SendBatcher {
                 batch
             };
             let queue = key.queue.unwrap_or_else(|| (node.next_round_robin() % u64::from(batch[0].queues)) as u32);
-            let result = propose(node, &key.topic, queue, &batch).await;
+            let result = propose(node, &key.topic, queue, &mut batch).await;
             match result {
                 Ok(outcomes) => {
                     let mut outcomes = outcomes.into_iter();
@@ -183,13 +183,12 @@ fn take_batch(waiting: &mut VecDeque<Waiter>, max_messages: usize, max_bytes: us
 }
 
 /// One Send entry for the batch; one outcome per message, in batch order.
-async fn propose(node: &Arc<BrokerNode>, topic: &str, queue: u32, batch: &[Waiter]) -> Result<Vec<Outcome>> {
+async fn propose(node: &Arc<BrokerNode>, topic: &str, queue: u32, batch: &mut [Waiter]) -> Result<Vec<Outcome>> {
     let mut bodies = Vec::with_capacity(batch.iter().map(|w| w.messages.len()).sum());
     let mut placements = Vec::with_capacity(bodies.capacity());
-    for m in batch.iter().flat_map(|w| &w.messages) {
-        let mut m = m.clone();
+    for m in batch.iter_mut().flat_map(|w| &mut w.messages) {
         m.queue_id = queue;
-        placements.push(command::placement(&m));
+        placements.push(command::placement(m));
         bodies.push(m.encode_to_vec());
     }
     let (resp, index) =

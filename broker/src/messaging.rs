@@ -159,9 +159,6 @@ async fn propose_done(node: &BrokerNode, topic: &str, cmd: &Control) -> Result<(
     }
 }
 
-/// Response header naming the group leader's address (SendMessage).
-pub const LEADER_HEADER: &str = "x-raftmq-leader";
-
 /// The prefix of dead-letter topics.
 pub const DLQ_PREFIX: &str = "%DLQ%";
 
@@ -1025,7 +1022,7 @@ impl MessagingService for Messaging {
         if let Some(addr) = self.node.leader_addr()
             && let Ok(v) = addr.parse()
         {
-            resp.metadata_mut().insert(LEADER_HEADER, v);
+            resp.metadata_mut().insert(raftmq_proto::LEADER_HEADER, v);
         }
         Ok(resp)
     }

@@ -219,8 +219,12 @@ pub struct QueueRef {
     pub queue: u32,
 }
 
-/// Response header in which a broker names its group's leader (SendMessage).
-pub const LEADER_HEADER: &str = "x-raftmq-leader";
+pub use raftmq_proto::LEADER_HEADER;
+
+/// Whether endpoint `i` is outside its avoid window (see [`Endpoints::failed`]).
+fn healthy(health: &HashMap<usize, (u32, Instant)>, i: usize, now: Instant) -> bool {
+    health.get(&i).is_none_or(|(_, until)| *until <= now)
+}
 
 /// How long a topic route is reused before asking again.
 const ROUTE_FRESH_FOR: Duration = Duration::from_secs(10);
@@ -319,7 +323,7 @@ impl Endpoints {
         let now = Instant::now();
         for k in 0..n {
             let i = (start + k) % n;
-            if h.get(&i).is_none_or(|(_, until)| *until <= now) {
+            if healthy(&h, i, now) {
                 return i;
             }
         }
@@ -332,7 +336,7 @@ impl Endpoints {
         let l = self.leader.load(Ordering::Relaxed);
         if l < self.addrs.len() {
             let h = self.health.lock().unwrap_or_else(|e| e.into_inner());
-            if h.get(&l).is_none_or(|(_, until)| *until <= Instant::now()) {
+            if healthy(&h, l, Instant::now()) {
                 return l;
             }
         }

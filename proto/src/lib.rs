@@ -28,6 +28,10 @@ pub mod admin {
 
 pub mod auth;
 
+/// Response header in which a broker names its group leader's address
+/// (SendMessage replies); our client sends its writes there.
+pub const LEADER_HEADER: &str = "x-raftmq-leader";
+
 pub mod namesrv {
     tonic::include_proto!("raftmq.namesrv");
 }
