@@ -111,6 +111,13 @@ async fn finish(
     Ok((secs, per_second, lat))
 }
 
+/// Counts an error; prints only the first of a run (the rest show in the count).
+fn first_error(errors: &AtomicU64, what: &str, e: &anyhow::Error) {
+    if errors.fetch_add(1, Ordering::Relaxed) == 0 {
+        eprintln!("{what}: {e:#}");
+    }
+}
+
 /// Microseconds since the first call in this process (a monotonic clock the
 /// producer and consumer tasks share).
 fn now_us() -> u64 {
@@ -135,10 +142,7 @@ pub async fn produce(d: &Driver, c: &Common, producers: usize, seconds: u64) -> 
     let meter = Meter::default();
     let errors = Arc::new(AtomicU64::new(0));
     let lat = Arc::new(Mutex::new(Latencies::default()));
-    let mut pubs = Vec::new();
-    for _ in 0..producers {
-        pubs.push(d.publisher().await?);
-    }
+    let pubs = d.publishers(producers).await?;
     let cpu = CpuClock::start(&c.server_pids);
     let started = Instant::now();
     let stop = started + Duration::from_secs(seconds);
@@ -156,9 +160,7 @@ pub async fn produce(d: &Driver, c: &Common, producers: usize, seconds: u64) -> 
                         meter.add(1, b.len() as u64);
                     }
                     Err(e) => {
-                        if errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                            eprintln!("publish failed: {e:#}");
-                        }
+                        first_error(&errors, "publish failed", &e);
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }
@@ -202,15 +204,8 @@ pub async fn fixed_rate(
     let received = Meter::default();
     let errors = Arc::new(AtomicU64::new(0));
     let lat = Arc::new(Mutex::new(Latencies::default()));
-    let mut pubs = Vec::new();
-    for _ in 0..producers {
-        pubs.push(d.publisher().await?);
-    }
-    let group = format!("e2e-{}", now_us());
-    let mut cons = Vec::new();
-    for i in 0..consumers {
-        cons.push(d.consumer(&group, i, consumers).await?);
-    }
+    let pubs = d.publishers(producers).await?;
+    let cons = d.consumers(&format!("e2e-{}", now_us()), consumers).await?;
     let cpu = CpuClock::start(&c.server_pids);
     let started = Instant::now();
     let t0 = now_us();
@@ -243,9 +238,7 @@ pub async fn fixed_rate(
                         sent.add(1, b.len() as u64);
                     }
                     Err(e) => {
-                        if errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                            eprintln!("publish failed: {e:#}");
-                        }
+                        first_error(&errors, "publish failed", &e);
                     }
                 }
             }
@@ -334,8 +327,7 @@ pub async fn drain(
     let claimed = Arc::new(AtomicU64::new(0));
     let build_started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..producers {
-        let mut p = d.publisher().await?;
+    for mut p in d.publishers(producers).await? {
         let (built, errors, claimed, b) = (built.clone(), errors.clone(), claimed.clone(), body(c.size_bytes));
         tasks.push(tokio::spawn(async move {
             while claimed.fetch_add(1, Ordering::Relaxed) < messages {
@@ -343,9 +335,7 @@ pub async fn drain(
                 let mut tries = 0;
                 while let Err(e) = p.publish(b.clone()).await {
                     tries += 1;
-                    if errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                        eprintln!("publish failed (retrying): {e:#}");
-                    }
+                    first_error(&errors, "publish failed (retrying)", &e);
                     if tries > 100 {
                         return;
                     }
@@ -363,11 +353,7 @@ pub async fn drain(
 
     let received = Meter::default();
     let lat = Arc::new(Mutex::new(Latencies::default()));
-    let group = format!("drain-{}", now_us());
-    let mut cons = Vec::new();
-    for i in 0..consumers {
-        cons.push(d.consumer(&group, i, consumers).await?);
-    }
+    let cons = d.consumers(&format!("drain-{}", now_us()), consumers).await?;
     let cpu = CpuClock::start(&c.server_pids);
     let started = Instant::now();
     let (sampler, series) = received.sample_every_second(MAX_RUN_SECS);

@@ -96,6 +96,24 @@ impl Driver {
         })
     }
 
+    /// `n` publishers.
+    pub async fn publishers(&self, n: usize) -> anyhow::Result<Vec<Publisher>> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.publisher().await?);
+        }
+        Ok(out)
+    }
+
+    /// The `n` consumers of a new consumer group named `group`.
+    pub async fn consumers(&self, group: &str, n: usize) -> anyhow::Result<Vec<Consumer>> {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            out.push(self.consumer(group, i, n).await?);
+        }
+        Ok(out)
+    }
+
     /// Consumer `index` of `count` of the consumer group `group`.
     pub async fn consumer(&self, group: &str, index: usize, count: usize) -> anyhow::Result<Consumer> {
         Ok(match self {
