@@ -320,10 +320,11 @@ impl AdminService for Admin {
     }
 
     async fn propose(&self, req: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
-        let cmd = req.into_inner().command;
+        let req = req.into_inner();
         // Decode first: a malformed command never reaches the log.
-        command::decode(&cmd).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (resp, index) = self.node.propose_local(cmd.to_vec()).await.map_err(|e| e.to_status())?;
+        command::decode(&req.command).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (resp, index) =
+            self.node.propose_forwarded(req.command.to_vec(), req.leader_term).await.map_err(|e| e.to_status())?;
         Ok(Response::new(pb::ProposeReply {
             response: rmp_serde::to_vec(&resp).expect("encodes").into(),
             log_index: index,

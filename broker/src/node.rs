@@ -314,7 +314,38 @@ impl BrokerNode {
 
     /// Proposes a command on this node, which must be the leader (no forwarding).
     pub async fn propose_local(&self, cmd: Vec<u8>) -> Result<(Response, u64)> {
-        match self.raft.client_write(LogBytes(cmd.into())).await {
+        self.write_result(self.raft.client_write(LogBytes(cmd.into())).await)
+    }
+
+    /// Proposes a command forwarded by another node, which saw this node lead
+    /// in `term`: appended only while this node still leads in that term
+    /// (openraft checks it before the append), else refused as "not leader".
+    /// A forward that arrives late, after the forwarder gave up on it and
+    /// forwarded the command again elsewhere, is thus never applied twice.
+    pub async fn propose_forwarded(&self, cmd: Vec<u8>, term: u64) -> Result<(Response, u64)> {
+        if term == 0 {
+            return Err(BrokerError::BadRequest("a forwarded proposal names no leader term".into()));
+        }
+        let expected = raft_log::store::AdvLeaderId { term, node_id: self.id() };
+        let (responder, rx) = openraft::impls::ProgressResponder::complete_only();
+        self.raft
+            .write(LogBytes(cmd.into()))
+            .with_leader(expected)
+            .responder(responder)
+            .await
+            .map_err(|e| BrokerError::Raft(e.to_string()))?;
+        let r = rx.await.map_err(|_| BrokerError::Raft("Raft stopped before answering a proposal".into()))?;
+        self.write_result(r.map_err(RaftError::APIError))
+    }
+
+    fn write_result(
+        &self,
+        r: std::result::Result<
+            openraft::raft::ClientWriteResponse<TypeConfig>,
+            RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
+        >,
+    ) -> Result<(Response, u64)> {
+        match r {
             Ok(r) => Ok((r.data, r.log_id.index)),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(BrokerError::NoLeader(format!("{} (leader is {:?})", self.config.broker_name, f.leader_id)))
@@ -330,7 +361,13 @@ impl BrokerNode {
         let deadline = Instant::now() + PROPOSE_PATIENCE;
         let mut last_err = BrokerError::NoLeader(self.config.broker_name.clone());
         while Instant::now() < deadline {
-            let leader = self.leader_id();
+            // The leader and its term from one metrics snapshot: the term
+            // fences the forward (see `propose_forwarded`).
+            let (leader, term) = {
+                let rx = self.raft.metrics();
+                let m = rx.borrow_watched();
+                (m.current_leader, m.current_term)
+            };
             if leader == Some(self.id()) {
                 match self.propose_local(cmd.clone()).await {
                     Err(BrokerError::NoLeader(m)) => last_err = BrokerError::NoLeader(m),
@@ -339,7 +376,8 @@ impl BrokerNode {
             } else if let Some(l) = leader {
                 if let Some(addr) = self.node_addr(l) {
                     let mut client = self.admin_client(&addr)?;
-                    let mut req = tonic::Request::new(ProposeRequest { command: cmd.clone().into() });
+                    let mut req =
+                        tonic::Request::new(ProposeRequest { command: cmd.clone().into(), leader_term: term });
                     req.set_timeout(Duration::from_secs(5));
                     // A leader that stops answering (paused, cut off) is
                     // replaced by an election long before the call times out:

@@ -187,3 +187,48 @@ fn a_send_through_a_follower_does_not_wait_for_a_paused_leader() {
         r.expect("a send through a follower while the old leader is paused");
     });
 }
+
+/// jepsen offsets register (CI, 2026-11-22; partition-halves [1] | [3,2],
+/// then pause-leader [2]): a follower forwarded an offset commit to leader 1
+/// just as the partition cut it off, gave up when 2 was elected and forwarded
+/// the commit there (acknowledged at once). The first forward stayed in a TCP
+/// send buffer; retransmitted after the partition healed, it reached node 1
+/// 12 s later, when node 1 led again in a newer term, and was applied then:
+/// the register went back to a value overwritten long before (write 113, then
+/// 122..126 read back, then 113 read). A forward now names the term in which
+/// the forwarder saw the receiver lead; in any other term it is refused.
+#[test]
+fn a_forwarded_proposal_is_refused_outside_the_term_it_was_sent_for() {
+    use raftmq_broker::command::Control;
+    use raftmq_broker::command::encode_control;
+    use raftmq_proto::admin::ProposeRequest;
+    use raftmq_proto::admin::admin_service_client::AdminServiceClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(dir.path(), 3, "");
+    runtime().block_on(async {
+        let (leader, admin) = wait_for_leader(&c, Duration::from_secs(20)).await;
+        create_topic(&admin, "reg", 1).await;
+        let p = Producer::new(&c.addrs(), ProducerOptions::default()).unwrap();
+        let batch: Vec<OutMessage> = (0..10).map(|i| OutMessage::new(format!("m{i}"))).collect();
+        p.send_batch("reg", &batch).await.unwrap();
+        let term = admin.node_status().await.unwrap().term;
+        let leader_addr = c.nodes[c.index_of(leader)].1.clone();
+        let mut raw = AdminServiceClient::connect(format!("http://{leader_addr}")).await.unwrap();
+        let reader = PullConsumer::new(std::slice::from_ref(&leader_addr), "g").unwrap();
+        let commit = |offset: u64| {
+            encode_control(&Control::UpdateOffset { group: "g".into(), topic: "reg".into(), queue: 0, offset })
+        };
+
+        for stale in [term - 1, term + 1] {
+            let r = raw.propose(ProposeRequest { command: commit(7).into(), leader_term: stale }).await;
+            assert!(r.is_err(), "a forward for term {stale} was applied by the leader of term {term}");
+        }
+        let r = raw.propose(ProposeRequest { command: commit(7).into(), leader_term: 0 }).await;
+        assert_eq!(r.unwrap_err().code(), tonic::Code::InvalidArgument, "a forward naming no term");
+        assert_eq!(reader.committed("reg", 0).await.unwrap(), 0, "a refused forward changed the offset");
+
+        raw.propose(ProposeRequest { command: commit(7).into(), leader_term: term }).await.expect("same term");
+        assert_eq!(reader.committed("reg", 0).await.unwrap(), 7);
+    });
+}
