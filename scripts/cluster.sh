@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Local cluster on loopback: name server 127.0.0.1:9876 and a three-node broker
-# group (broker-a) on 127.0.0.1:8081-8083, data and logs under ./local-cluster
+# group (broker-a) on 127.0.0.1:8081-8083; Prometheus metrics at
+# http://127.0.0.1:9877/metrics (name server) and :9181-9183 (brokers). Data and
+# logs under ./local-cluster
 # (override with RAFTMQ_CLUSTER_DIR). Uses the debug build, or the release
 # build with RAFTMQ_PROFILE=release.
 #   scripts/cluster.sh start | stop | status | restart-node N | kill-node N
@@ -20,6 +22,7 @@ broker_name = "broker-a"
 node_id = $i
 data_dir = "$DIR/n$i"
 namesrv = ["127.0.0.1:9876"]
+metrics_listen = "127.0.0.1:918$i"
 
 [peers]
 1 = "127.0.0.1:8081"
@@ -49,7 +52,12 @@ start)
     if alive "$DIR/namesrv.pid"; then
         echo "cluster: already running (scripts/cluster.sh stop first)"; exit 0
     fi
-    nohup "$BIN/raftmq-namesrv" --listen 127.0.0.1:9876 >> "$DIR/namesrv.log" 2>&1 &
+    cat > "$DIR/namesrv.toml" <<TOML
+# The local name server (see NamesrvConfig for every key and its default).
+listen = "127.0.0.1:9876"
+metrics_listen = "127.0.0.1:9877"
+TOML
+    nohup "$BIN/raftmq-namesrv" --config "$DIR/namesrv.toml" >> "$DIR/namesrv.log" 2>&1 &
     echo $! > "$DIR/namesrv.pid"
     for i in 1 2 3; do write_config "$i"; start_node "$i"; done
     for _ in $(seq 1 60); do

@@ -5,8 +5,9 @@ set -euo pipefail
 
 # Debian packages: C toolchain and clang/libclang (rocksdb's bindgen),
 # protoc and the well-known .proto types (gRPC code generation), python3-venv (official-client tests),
-# iproute2 and iptables (network namespaces and link faults for raftmq-jepsen).
-PACKAGES=(build-essential pkg-config clang libclang-dev protobuf-compiler libprotobuf-dev python3-venv iproute2 iptables)
+# iproute2 and iptables (network namespaces and link faults for raftmq-jepsen),
+# debootstrap (the Debian root file system of the real-systemd deploy test).
+PACKAGES=(build-essential pkg-config clang libclang-dev protobuf-compiler libprotobuf-dev python3-venv iproute2 iptables debootstrap)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

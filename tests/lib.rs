@@ -37,6 +37,8 @@ pub struct Cluster {
     pub name: String,
     pub namesrv_addr: String,
     pub nodes: Vec<(u64, String)>,
+    /// Each node's Prometheus metrics address (`metrics_listen`), by index.
+    pub metrics_addrs: Vec<String>,
     namesrv: Option<Child>,
     brokers: Vec<Option<Child>>,
     extra_config: String,
@@ -54,8 +56,9 @@ impl Cluster {
     /// `None`. `extra_config` holds TOML tables appended to every node's
     /// config.
     pub fn start_group(dir: &Path, name: &str, n: usize, extra_config: &str, namesrv: Option<&str>) -> Cluster {
-        let ports = free_ports(n + 1);
+        let ports = free_ports(2 * n + 1);
         let nodes: Vec<(u64, String)> = (0..n).map(|i| (i as u64 + 1, format!("127.0.0.1:{}", ports[i + 1]))).collect();
+        let metrics_addrs = (0..n).map(|i| format!("127.0.0.1:{}", ports[n + 1 + i])).collect();
         let (namesrv_addr, namesrv) = match namesrv {
             Some(a) => (a.to_string(), None),
             None => {
@@ -75,6 +78,7 @@ impl Cluster {
             name: name.to_string(),
             namesrv_addr,
             nodes,
+            metrics_addrs,
             namesrv,
             brokers: (0..n).map(|_| None).collect(),
             extra_config: extra_config.to_string(),
@@ -101,10 +105,11 @@ impl Cluster {
             "[log]\nsegment_bytes = 16777216\nmax_entry_bytes = 8388608\n"
         };
         let toml = format!(
-            "broker_name = \"{}\"\nnode_id = {id}\nbootstrap = {bootstrap}\ndata_dir = \"{}\"\nnamesrv = [\"{}\"]\n[peers]\n{peers}\n{}\n{log}",
+            "broker_name = \"{}\"\nnode_id = {id}\nbootstrap = {bootstrap}\ndata_dir = \"{}\"\nnamesrv = [\"{}\"]\nmetrics_listen = \"{}\"\n[peers]\n{peers}\n{}\n{log}",
             self.name,
             self.dir.join(self.file_stem(*id)).display(),
             self.namesrv_addr,
+            self.metrics_addrs[i],
             self.extra_config,
         );
         std::fs::write(self.dir.join(format!("{}.toml", self.file_stem(*id))), toml).expect("write config");
@@ -116,6 +121,7 @@ impl Cluster {
         let id = self.nodes.iter().map(|(id, _)| *id).max().unwrap_or(0) + 1;
         let addr = format!("127.0.0.1:{}", free_ports(1)[0]);
         self.nodes.push((id, addr.clone()));
+        self.metrics_addrs.push(format!("127.0.0.1:{}", free_ports(1)[0]));
         self.brokers.push(None);
         let i = self.nodes.len() - 1;
         self.write_config_with(i, false);
@@ -127,6 +133,34 @@ impl Cluster {
     /// default group, `<group>-n<id>` in others.
     fn file_stem(&self, id: u64) -> String {
         if self.name == "broker-a" { format!("n{id}") } else { format!("{}-n{id}", self.name) }
+    }
+
+    /// The TOML file of node `id`.
+    pub fn config_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{}.toml", self.file_stem(id)))
+    }
+
+    /// Sends SIGHUP to node index `i` (reload its configuration).
+    pub fn reload_node(&self, i: usize) {
+        if let Some(c) = &self.brokers[i] {
+            // SAFETY: plain kill(2) on a child we own.
+            unsafe { libc_kill(c.id() as i32, 1) };
+        }
+    }
+
+    /// The metrics page of node index `i` (`GET /metrics`, plain HTTP/1.1).
+    pub fn scrape(&self, i: usize) -> std::io::Result<String> {
+        use std::io::Read;
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(&self.metrics_addrs[i])?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        match out.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+            _ => Err(std::io::Error::other(format!("bad metrics reply: {out}"))),
+        }
     }
 
     /// The log file of node `id`.

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use openraft::BasicNode;
 use openraft::ChangeMembers;
-use openraft::ServerState;
 use raftmq_proto::admin as pb;
 use raftmq_proto::admin::admin_service_server::AdminService;
 use tonic::Request;
@@ -29,16 +28,6 @@ pub struct Admin {
     pub node: Arc<BrokerNode>,
 }
 
-fn role(s: ServerState) -> &'static str {
-    match s {
-        ServerState::Leader => "leader",
-        ServerState::Follower => "follower",
-        ServerState::Candidate => "candidate",
-        ServerState::Learner => "learner",
-        ServerState::Shutdown => "shutdown",
-    }
-}
-
 fn refused_status(code: RefusedCode, message: String) -> Status {
     match code {
         RefusedCode::TopicNotFound => Status::not_found(message),
@@ -53,44 +42,6 @@ impl Admin {
         match self.node.propose(command::encode_control(&c)).await.map_err(|e| e.to_status())?.0 {
             command::Response::Refused { code, message } => Err(refused_status(code, message)),
             _ => Ok(pb::AdminReply { message: "OK".into() }),
-        }
-    }
-
-    pub fn node_status(&self) -> pb::NodeStatus {
-        let n = &self.node;
-        let m = n.raft.metrics().borrow_watched().clone();
-        let commit = m.local_committed.map(|l| l.index).unwrap_or(0);
-        let followers = m
-            .replication
-            .as_ref()
-            .map(|r| {
-                let last = m.last_log_index.unwrap_or(0);
-                r.iter()
-                    .filter(|(id, _)| **id != n.id())
-                    .map(|(id, l)| {
-                        let matched = l.map(|l| l.index).unwrap_or(0);
-                        pb::FollowerLag { node_id: *id, matched_index: matched, lag: last.saturating_sub(matched) }
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        pb::NodeStatus {
-            node_id: n.id(),
-            broker_name: n.config.broker_name.clone(),
-            address: n.config.advertised_addr(),
-            role: role(m.state).into(),
-            term: m.current_term,
-            commit_index: commit,
-            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
-            last_log_index: m.last_log_index.unwrap_or(0),
-            leader_id: m.current_leader,
-            reads_served: n.stats.reads_served.load(Ordering::Relaxed),
-            follower_reads_served: n.stats.follower_reads_served.load(Ordering::Relaxed),
-            followers,
-            disk_bytes: n.log.disk_bytes(),
-            error: String::new(),
-            log_first_index: n.log.first_index(),
-            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
         }
     }
 
@@ -198,7 +149,7 @@ impl AdminService for Admin {
     }
 
     async fn get_node_status(&self, _req: Request<pb::Empty>) -> Result<Response<pb::NodeStatus>, Status> {
-        Ok(Response::new(self.node_status()))
+        Ok(Response::new(self.node.status()))
     }
 
     async fn cluster_status(&self, _req: Request<pb::Empty>) -> Result<Response<pb::ClusterStatusReply>, Status> {
@@ -206,7 +157,7 @@ impl AdminService for Admin {
         let mut nodes = Vec::new();
         for (id, node) in membership.nodes() {
             if *id == self.node.id() {
-                nodes.push(self.node_status());
+                nodes.push(self.node.status());
                 continue;
             }
             let status = match self.node.admin_client(&node.addr) {

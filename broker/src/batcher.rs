@@ -130,7 +130,7 @@ impl SendBatcher {
 
     /// Proposes batches from the lane until it is empty.
     async fn flush(&self, node: &Arc<BrokerNode>, key: LaneKey) {
-        let max_messages = node.config.limits.max_batch_messages as usize;
+        let max_messages = node.settings().limits.max_batch_messages as usize;
         loop {
             let mut batch = {
                 let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());

@@ -315,7 +315,8 @@ async fn check_back(node: &BrokerNode, clients: &Clients, tx: TxId) {
 
 /// One renewal pass.
 async fn renew(node: &BrokerNode, clients: &Clients) {
-    let cfg = &node.config.consumer;
+    let settings = node.settings();
+    let cfg = &settings.consumer;
     let now = crate::messaging::now_ms();
     let expire = Duration::from_millis(cfg.client_expire_ms);
     for (handle, r) in clients.due_renewals(now, cfg.renew_max_ms, expire) {

@@ -63,6 +63,10 @@ pub struct BrokerConfig {
     /// Access control. Default: off.
     #[serde(default)]
     pub acl: crate::acl::AclConfig,
+    /// Prometheus metrics over HTTP (`GET /metrics`, text format), host:port.
+    /// Default: none (no metrics listener).
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 /// Transactional messages (RocketMQ's transactionCheckInterval and
@@ -263,6 +267,64 @@ impl BrokerConfig {
         Ok(())
     }
 
+    /// The settings a running node takes again from its file on SIGHUP
+    /// (`systemctl reload`): client limits, follower reads, consumers,
+    /// transactions and access control.
+    pub fn reloadable(&self) -> Reloadable {
+        Reloadable {
+            limits: self.limits.clone(),
+            follower_read: self.follower_read.clone(),
+            consumer: self.consumer.clone(),
+            transaction: self.transaction.clone(),
+            acl: self.acl.clone(),
+        }
+    }
+
+    /// The keys that differ in `new` but take effect only on a restart.
+    /// Every field is named here, so a new one has to be classified.
+    pub fn restart_only_changes(&self, new: &BrokerConfig) -> Vec<&'static str> {
+        let BrokerConfig {
+            cluster,
+            broker_name,
+            node_id,
+            listen,
+            peers,
+            namesrv,
+            data_dir,
+            bootstrap,
+            bind_source,
+            worker_threads,
+            raft,
+            log,
+            metrics_listen,
+            limits: _,
+            follower_read: _,
+            transaction: _,
+            consumer: _,
+            acl: _,
+        } = self;
+        let mut changed = Vec::new();
+        let mut check = |name: &'static str, same: bool| {
+            if !same {
+                changed.push(name);
+            }
+        };
+        check("cluster", *cluster == new.cluster);
+        check("broker_name", *broker_name == new.broker_name);
+        check("node_id", *node_id == new.node_id);
+        check("listen", *listen == new.listen);
+        check("peers", *peers == new.peers);
+        check("namesrv", *namesrv == new.namesrv);
+        check("data_dir", *data_dir == new.data_dir);
+        check("bootstrap", *bootstrap == new.bootstrap);
+        check("bind_source", *bind_source == new.bind_source);
+        check("worker_threads", *worker_threads == new.worker_threads);
+        check("raft", *raft == new.raft);
+        check("log", *log == new.log);
+        check("metrics_listen", *metrics_listen == new.metrics_listen);
+        changed
+    }
+
     /// The address this node listens on.
     pub fn listen_addr(&self) -> String {
         self.listen.clone().unwrap_or_else(|| self.peers[&self.node_id].clone())
@@ -272,6 +334,16 @@ impl BrokerConfig {
     pub fn advertised_addr(&self) -> String {
         self.peers[&self.node_id].clone()
     }
+}
+
+/// What SIGHUP reloads; see [`BrokerConfig::reloadable`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reloadable {
+    pub limits: Limits,
+    pub follower_read: FollowerRead,
+    pub consumer: ConsumerConfig,
+    pub transaction: TransactionConfig,
+    pub acl: crate::acl::AclConfig,
 }
 
 #[cfg(test)]
@@ -314,5 +386,47 @@ data_dir = "/tmp/x"
         assert!(e.contains("reuses"), "{e}");
         let two = OK.replace("3 = \"127.0.0.1:8083\"\n", "");
         assert!(BrokerConfig::from_toml(&two).unwrap_err().contains("1, 3 or 5"));
+    }
+
+    #[test]
+    fn reload_names_the_keys_that_need_a_restart() {
+        let old = BrokerConfig::from_toml(OK).unwrap();
+        let text = OK.replace("node_id = 1", "node_id = 2")
+            + "\n[limits]\nmax_body_bytes = 1024\n[raft]\nheartbeat_interval_ms = 50\n";
+        let new = BrokerConfig::from_toml(&text).unwrap();
+        assert_eq!(old.restart_only_changes(&new), vec!["node_id", "raft"]);
+        assert_ne!(old.reloadable(), new.reloadable());
+        assert_eq!(new.reloadable().limits.max_body_bytes, 1024);
+        assert!(old.restart_only_changes(&old).is_empty());
+    }
+
+    #[test]
+    fn the_deploy_example_is_valid_for_each_node() {
+        let text = include_str!("../../deploy/config/broker.toml");
+        for id in 1..=3 {
+            let c = BrokerConfig::from_toml(&text.replace("node_id = 1", &format!("node_id = {id}"))).unwrap();
+            assert_eq!(c.node_id, id);
+            // The example's commented-out values are the defaults.
+            assert_eq!(c.raft, RaftTuning::default());
+            assert_eq!(c.limits, Limits::default());
+            assert_eq!(c.log, LogConfig::default());
+            assert!(c.data_dir.starts_with("/var/lib/raftmq"), "the unit allows writes there only");
+        }
+        // Every commented-out key line names a real key: uncommented, the
+        // file still parses.
+        let is_key_line = |k: &str| {
+            k.split_once(" = ").is_some_and(|(key, _)| key.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        };
+        let uncommented: String = text
+            .lines()
+            .take_while(|l| !l.starts_with("# [[acl.accounts]]"))
+            .map(|l| match l.strip_prefix("# ") {
+                Some(k) if is_key_line(k) => k,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(uncommented.contains("\nflush_mode = \"sync\"\n"), "{uncommented}");
+        BrokerConfig::from_toml(&uncommented).expect("the example's commented keys parse");
     }
 }

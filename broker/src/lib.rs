@@ -17,6 +17,7 @@
 //! - [`registry`]: registration with the name servers;
 //! - [`routes`]: routes to the other groups (from the name servers, cached);
 //! - [`server`]: one gRPC port serving all of the above;
+//! - [`metrics`]: the Prometheus metrics page (`metrics_listen`);
 //! - [`faults`]: test hooks of the fault-injection suite (off by default).
 
 pub mod acl;
@@ -31,6 +32,7 @@ pub mod faults;
 pub mod filter;
 pub mod held;
 pub mod messaging;
+pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod pop;

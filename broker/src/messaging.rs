@@ -32,7 +32,6 @@ use tonic::Request;
 use tonic::Response;
 use tonic::Status;
 
-use crate::acl::Acl;
 use crate::acl::Action;
 use crate::acl::Resource;
 use crate::batcher::Outcome;
@@ -56,7 +55,6 @@ type PeerClient = pb::messaging_service_client::MessagingServiceClient<tonic::tr
 pub struct Messaging {
     pub node: Arc<BrokerNode>,
     pub clients: Arc<Clients>,
-    pub acl: Arc<Acl>,
 }
 
 /// What a producer learns of one stored message.
@@ -157,6 +155,15 @@ async fn propose_done(node: &BrokerNode, topic: &str, cmd: &Control) -> Result<(
         command::Response::Done => Ok(()),
         other => Err(BrokerError::Raft(format!("unexpected response {other:?}"))),
     }
+}
+
+/// Adds messages handed to a consumer to their topic's counters.
+fn count_consumed(node: &BrokerNode, topic: &str, read: &[ReadMessage]) {
+    let bytes: usize = read.iter().map(|r| r.message.body.len()).sum();
+    node.stats.count_topic(topic, |c| {
+        c.consumed_messages += read.len() as u64;
+        c.consumed_bytes += bytes as u64;
+    });
 }
 
 /// The prefix of dead-letter topics.
@@ -303,10 +310,12 @@ fn read_total_memory_bytes() -> u64 {
 impl Messaging {
     /// Checks a request's signature and permissions when ACL is on.
     fn authorize(&self, auth: &Auth, action: Action, resources: &[Resource<'_>]) -> Result<()> {
-        if !self.acl.enabled() {
+        let settings = self.node.settings();
+        if !settings.acl.enabled() {
             return Ok(());
         }
-        self.acl
+        settings
+            .acl
             .check(auth.authorization.as_deref(), auth.date_time.as_deref(), now_ms(), action, resources)
             .map(|_| ())
             .map_err(|e| match e {
@@ -321,7 +330,7 @@ impl Messaging {
     /// `consumer.client_expire_ms` (replicated heartbeats), plus `me`, sorted.
     fn live_consumers(&self, group: &str, me: &str) -> Vec<String> {
         let now = now_ms();
-        let expire = self.node.config.consumer.client_expire_ms;
+        let expire = self.node.settings().consumer.client_expire_ms;
         let st = self.node.sm.read();
         let mut live: Vec<String> = st
             .held
@@ -536,7 +545,7 @@ impl Messaging {
     /// Validates one message and turns it into its stored form.
     fn to_stored(&self, m: &pb::Message, now: i64) -> Result<StoredMessage> {
         let topic = m.topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
-        let limit = self.node.config.limits.max_body_bytes;
+        let limit = self.node.settings().limits.max_body_bytes;
         if m.body.len() > limit as usize {
             return Err(BrokerError::BodyTooLarge { size: m.body.len(), limit });
         }
@@ -548,11 +557,11 @@ impl Messaging {
             return Err(BrokerError::BadRequest("gzip bodies are not supported; send IDENTITY".into()));
         }
         if let Some(t) = sp.delivery_timestamp.as_ref().map(ts_ms)
-            && t > now.saturating_add(self.node.config.limits.max_delay_ms as i64)
+            && t > now.saturating_add(self.node.settings().limits.max_delay_ms as i64)
         {
             return Err(BrokerError::BadDeliveryTime(format!(
                 "delivery time {t} is more than limits.max_delay_ms = {} ms from now",
-                self.node.config.limits.max_delay_ms
+                self.node.settings().limits.max_delay_ms
             )));
         }
         let props_bytes: usize = m.user_properties.iter().map(|(k, v)| k.len() + v.len()).sum();
@@ -582,11 +591,11 @@ impl Messaging {
         if messages.is_empty() {
             return Err(BrokerError::BadRequest("no messages".into()));
         }
-        if messages.len() > self.node.config.limits.max_batch_messages as usize {
+        if messages.len() > self.node.settings().limits.max_batch_messages as usize {
             return Err(BrokerError::BadRequest(format!(
                 "{} messages in one request; at most {}",
                 messages.len(),
-                self.node.config.limits.max_batch_messages
+                self.node.settings().limits.max_batch_messages
             )));
         }
         let topic = messages[0].topic.as_ref().map(|t| t.name.clone()).unwrap_or_default();
@@ -626,6 +635,11 @@ impl Messaging {
             }
         }
         self.node.stats.messages_sent.fetch_add(messages.len() as u64, Ordering::Relaxed);
+        let bytes: usize = messages.iter().map(|m| m.body.len()).sum();
+        self.node.stats.count_topic(&topic, |c| {
+            c.produced_messages += messages.len() as u64;
+            c.produced_bytes += bytes as u64;
+        });
         Ok(out)
     }
 
@@ -642,7 +656,7 @@ impl Messaging {
         filter: Option<FilterSpec>,
     ) -> Result<Vec<(Popped, u64, ReadMessage)>> {
         let until = tokio::time::Instant::now() + poll;
-        let default_attempts = self.node.config.limits.max_delivery_attempts;
+        let default_attempts = self.node.settings().limits.max_delivery_attempts;
         // A Pop may only skip filtered messages or hold FIFO ones: look again
         // at once, a bounded number of times, before waiting for news.
         let mut again = 0u32;
@@ -724,16 +738,19 @@ impl Messaging {
         let _guard = scopeguard(|| {
             node.stats.inflight_reads.fetch_sub(1, Ordering::Relaxed);
         });
-        let fr = &node.config.follower_read;
+        let settings = node.settings();
+        let fr = &settings.follower_read;
         if fr.enabled && node.is_leader() {
             let loaded = inflight > u64::from(fr.max_inflight_reads) || self.lag_over_memory_ratio(topic, popped);
             if loaded && let Some(read) = self.read_from_follower(topic, popped, index).await {
+                count_consumed(node, topic, &read);
                 return Ok(read);
             }
         }
         node.sm.wait_applied(index, Duration::from_secs(2)).await?;
         let out = self.read_local(topic, popped)?;
         node.stats.reads_served.fetch_add(out.len() as u64, Ordering::Relaxed);
+        count_consumed(node, topic, &out);
         Ok(out)
     }
 
@@ -753,7 +770,7 @@ impl Messaging {
         let Some(first) = popped.first() else { return false };
         let Some(pos) = self.node.sm.message_position(topic, first.queue, first.offset) else { return false };
         let behind = self.node.log.end_pos().saturating_sub(pos);
-        behind as f64 > self.node.config.follower_read.lag_memory_ratio * total_memory_bytes() as f64
+        behind as f64 > self.node.settings().follower_read.lag_memory_ratio * total_memory_bytes() as f64
     }
 
     async fn read_from_follower(&self, topic: &str, popped: &[Popped], index: u64) -> Option<Vec<ReadMessage>> {
@@ -783,7 +800,7 @@ impl Messaging {
                 queue_id: queue,
                 offsets: offsets.clone(),
                 min_applied: index,
-                wait_ms: self.node.config.follower_read.wait_ms,
+                wait_ms: self.node.settings().follower_read.wait_ms,
             };
             let reply = client.read(req).await.ok()?.into_inner();
             if reply.messages.len() != offsets.len() {
@@ -807,7 +824,8 @@ impl Messaging {
     }
 
     fn settings_reply(&self, s: &pb::Settings) -> pb::Settings {
-        let limits = &self.node.config.limits;
+        let settings = self.node.settings();
+        let limits = &settings.limits;
         let mut out = s.clone();
         match &mut out.pub_sub {
             Some(pb::settings::PubSub::Publishing(p)) => {
@@ -1082,7 +1100,8 @@ impl MessagingService for Messaging {
                 |s| pb::ReceiveMessageResponse { content: Some(pb::receive_message_response::Content::Status(s)) };
             return Ok(self.forward_stream(target, &forwarded, req, deadline, call, status).await);
         }
-        let limits = &self.node.config.limits;
+        let settings = self.node.settings();
+        let limits = &settings.limits;
         let client_id = client_id.unwrap_or_default();
         let result: Result<Vec<pb::ReceiveMessageResponse>> = async {
             let group = group_name(&req.group)?;
@@ -1148,7 +1167,7 @@ impl MessagingService for Messaging {
                         visible_at_ms: started_ms + invisible_ms,
                         started_ms,
                     };
-                    self.clients.track(handle.clone(), renewal, self.node.config.consumer.max_renewing);
+                    self.clients.track(handle.clone(), renewal, self.node.settings().consumer.max_renewing);
                 }
                 let mut m = to_v2_message(
                     &r.message,
@@ -1303,13 +1322,13 @@ impl MessagingService for Messaging {
                 return Err(BrokerError::BadRequest(format!("offset {} is negative", req.offset)));
             }
             let start = req.offset as u64;
-            let n = (req.batch_size.max(1) as u64).min(u64::from(self.node.config.limits.max_receive_batch));
+            let n = (req.batch_size.max(1) as u64).min(u64::from(self.node.settings().limits.max_receive_batch));
             let poll = req
                 .long_polling_timeout
                 .as_ref()
                 .map(dur_ms)
                 .unwrap_or(0)
-                .min(self.node.config.limits.max_long_polling_ms);
+                .min(self.node.settings().limits.max_long_polling_ms);
             let until = tokio::time::Instant::now() + Duration::from_millis(poll);
             loop {
                 let notified = self.node.sm.activity.notified();
@@ -1321,6 +1340,7 @@ impl MessagingService for Messaging {
                     let offsets: Vec<u64> = (start..max.min(start + n)).collect();
                     let read = self.node.sm.read_messages(&topic, queue, &offsets)?;
                     self.node.stats.reads_served.fetch_add(read.len() as u64, Ordering::Relaxed);
+                    count_consumed(&self.node, &topic, &read);
                     let mut out = vec![pb::PullMessageResponse {
                         content: Some(pb::pull_message_response::Content::Status(if read.is_empty() {
                             code_status(Code::MessageNotFound, "no new message")
@@ -1523,7 +1543,7 @@ impl MessagingService for Messaging {
         }
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<pb::TelemetryCommand, Status>>(64);
-        let this = Messaging { node: self.node.clone(), clients: self.clients.clone(), acl: self.acl.clone() };
+        let this = Messaging { node: self.node.clone(), clients: self.clients.clone() };
         tokio::spawn(async move {
             let mut stream_id = None;
             while let Ok(Some(cmd)) = inbound.message().await {

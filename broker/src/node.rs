@@ -45,10 +45,62 @@ pub struct Stats {
     /// Reads running now.
     pub inflight_reads: AtomicU64,
     pub messages_sent: AtomicU64,
+    /// Per topic: messages and bytes produced through this node and consumed
+    /// from it (counted once a request named an existing topic).
+    pub topics: Mutex<BTreeMap<String, TopicCounters>>,
+    /// Elections seen: how far the term advanced since start.
+    pub elections: AtomicU64,
+    /// Times the known leader changed since start.
+    pub leader_changes: AtomicU64,
+}
+
+/// See [`Stats::topics`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TopicCounters {
+    pub produced_messages: u64,
+    pub produced_bytes: u64,
+    pub consumed_messages: u64,
+    pub consumed_bytes: u64,
+}
+
+impl Stats {
+    /// Adds to a topic's counters.
+    pub fn count_topic(&self, topic: &str, f: impl FnOnce(&mut TopicCounters)) {
+        let mut t = self.topics.lock().unwrap_or_else(|e| e.into_inner());
+        match t.get_mut(topic) {
+            Some(c) => f(c),
+            None => f(t.entry(topic.to_string()).or_default()),
+        }
+    }
+}
+
+/// The run-time part of the configuration (see [`BrokerConfig::reloadable`]),
+/// replaced whole on reload: readers take one consistent `Arc` of it.
+pub struct Settings {
+    pub limits: crate::config::Limits,
+    pub follower_read: crate::config::FollowerRead,
+    pub consumer: crate::config::ConsumerConfig,
+    pub transaction: crate::config::TransactionConfig,
+    pub acl: crate::acl::Acl,
+}
+
+impl Settings {
+    pub fn new(r: crate::config::Reloadable) -> std::result::Result<Settings, String> {
+        Ok(Settings {
+            acl: crate::acl::Acl::new(&r.acl).map_err(|e| format!("acl: {e}"))?,
+            limits: r.limits,
+            follower_read: r.follower_read,
+            consumer: r.consumer,
+            transaction: r.transaction,
+        })
+    }
 }
 
 pub struct BrokerNode {
+    /// The configuration the node started with. Keys that SIGHUP reloads are
+    /// read from [`BrokerNode::settings`] instead.
     pub config: BrokerConfig,
+    settings: std::sync::RwLock<Arc<Settings>>,
     pub raft: Arc<Raft>,
     pub sm: Arc<SmShared>,
     pub log: Arc<CommitLog>,
@@ -69,6 +121,9 @@ pub struct BrokerNode {
 /// due for a check-back: a delayed message becomes visible within about
 /// this (plus one commit) of its time.
 const TIMER_TICK: Duration = Duration::from_millis(20);
+
+/// How long a stopping leader waits for the node it hands leadership to.
+const HANDOVER_WAIT: Duration = Duration::from_secs(3);
 
 /// How long a proposal keeps retrying while there is no leader.
 const PROPOSE_PATIENCE: Duration = Duration::from_secs(8);
@@ -151,6 +206,9 @@ impl BrokerNode {
             routes: Routes::new(&config.broker_name, &config.namesrv),
             sends: crate::batcher::SendBatcher::default(),
             peers: Mutex::new(HashMap::new()),
+            settings: std::sync::RwLock::new(Arc::new(
+                Settings::new(config.reloadable()).map_err(|e| anyhow::anyhow!("invalid config: {e}"))?,
+            )),
             config,
             round_robin: AtomicU64::new(0),
             group_round_robin: AtomicU64::new(0),
@@ -227,7 +285,8 @@ impl BrokerNode {
     /// same result.
     async fn run_timers(&self, last_check: &mut Instant) {
         let now = crate::messaging::now_ms();
-        let tx = &self.config.transaction;
+        let settings = self.settings();
+        let tx = &settings.transaction;
         if self.sm.next_delay_due_ms().is_some_and(|d| d <= now) {
             let cmd = crate::command::Control::Deliver { now_ms: now };
             if let Err(e) = self.propose_local(crate::command::encode_control(&cmd)).await {
@@ -251,6 +310,62 @@ impl BrokerNode {
 
     pub fn id(&self) -> u64 {
         self.config.node_id
+    }
+
+    /// This node's Raft role, indexes, follower lag and disk use (admin
+    /// API, CLI and metrics).
+    pub fn status(&self) -> raftmq_proto::admin::NodeStatus {
+        use raftmq_proto::admin as pb;
+        let n = self;
+        let m = n.raft.metrics().borrow_watched().clone();
+        let commit = m.local_committed.map(|l| l.index).unwrap_or(0);
+        let followers = m
+            .replication
+            .as_ref()
+            .map(|r| {
+                let last = m.last_log_index.unwrap_or(0);
+                r.iter()
+                    .filter(|(id, _)| **id != n.id())
+                    .map(|(id, l)| {
+                        let matched = l.map(|l| l.index).unwrap_or(0);
+                        pb::FollowerLag { node_id: *id, matched_index: matched, lag: last.saturating_sub(matched) }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        pb::NodeStatus {
+            node_id: n.id(),
+            broker_name: n.config.broker_name.clone(),
+            address: n.config.advertised_addr(),
+            role: role_name(m.state).into(),
+            term: m.current_term,
+            commit_index: commit,
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            leader_id: m.current_leader,
+            reads_served: n.stats.reads_served.load(Ordering::Relaxed),
+            follower_reads_served: n.stats.follower_reads_served.load(Ordering::Relaxed),
+            followers,
+            disk_bytes: n.log.disk_bytes(),
+            error: String::new(),
+            log_first_index: n.log.first_index(),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+        }
+    }
+
+    /// The current run-time settings.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Takes the reloadable settings of `new` (SIGHUP). Returns the keys
+    /// that differ from the running configuration but need a restart; an
+    /// invalid `new` changes nothing.
+    pub fn reload(&self, new: &BrokerConfig) -> std::result::Result<Vec<&'static str>, String> {
+        new.validate()?;
+        let settings = Settings::new(new.reloadable())?;
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+        Ok(self.config.restart_only_changes(new))
     }
 
     pub fn uptime(&self) -> Duration {
@@ -508,19 +623,54 @@ impl BrokerNode {
         self.sm.wait_applied(index, Duration::from_secs(3)).await
     }
 
-    /// Shuts Raft down after a final state checkpoint.
+    /// Shuts Raft down after a final state checkpoint. A leader first hands
+    /// leadership to its most caught-up follower and waits (up to
+    /// [`HANDOVER_WAIT`]) until that node leads, so clients see no election
+    /// timeout, only a redirect.
     pub async fn shutdown(&self) {
         if self.is_leader() {
-            // Hand leadership over so the group does not wait for an election.
-            let others: Vec<u64> = self.config.peers.keys().copied().filter(|id| *id != self.id()).collect();
-            if let Some(to) = others.first() {
-                let _ = self.raft.trigger().transfer_leader(*to).await;
-                tokio::time::sleep(Duration::from_millis(300)).await;
+            let target = {
+                let rx = self.raft.metrics();
+                let m = rx.borrow_watched();
+                m.replication.as_ref().and_then(|r| {
+                    r.iter()
+                        .filter(|(id, _)| **id != self.id())
+                        .max_by_key(|(_, matched)| matched.map(|l| l.index))
+                        .map(|(id, _)| *id)
+                })
+            };
+            if let Some(to) = target {
+                tracing::info!(to, "handing leadership over");
+                match self.raft.trigger().transfer_leader(to).await {
+                    Ok(()) => {
+                        let moved = self
+                            .raft
+                            .wait(Some(HANDOVER_WAIT))
+                            .metrics(|m| m.current_leader.is_some_and(|l| l != m.id), "another node leads")
+                            .await;
+                        match moved {
+                            Ok(m) => tracing::info!(leader = ?m.current_leader, "leadership handed over"),
+                            Err(e) => tracing::warn!(error = %e, "leadership not handed over in time; stopping anyway"),
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "leadership transfer failed; stopping anyway"),
+                }
             }
         }
         if let Err(e) = self.sm.checkpoint() {
             tracing::error!(error = %e, "final checkpoint failed");
         }
         let _ = self.raft.shutdown().await;
+    }
+}
+
+/// The name of a Raft role, as the admin API and metrics show it.
+pub fn role_name(s: ServerState) -> &'static str {
+    match s {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
     }
 }

@@ -22,8 +22,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let clients = Arc::new(crate::clients::Clients::default());
     crate::clients::spawn_tasks(node.clone(), clients.clone());
-    let acl = Arc::new(crate::acl::Acl::new(&node.config.acl)?);
-    let messaging = MessagingServiceServer::new(Messaging { node: node.clone(), clients, acl })
+    let messaging = MessagingServiceServer::new(Messaging { node: node.clone(), clients })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let admin = AdminServiceServer::new(Admin { node: node.clone() })

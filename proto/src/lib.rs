@@ -6,7 +6,9 @@
 //! - [`store`]: how a message is stored in a CommitLog entry;
 //! - [`admin`]: the admin API of a node (CLI, forwarding, follower reads);
 //! - [`namesrv`]: the name server;
-//! - [`auth`]: how client requests are signed (ACL).
+//! - [`auth`]: how client requests are signed (ACL);
+//! - [`metrics`]: Prometheus text exposition and its `GET /metrics` server
+//!   (broker and name server).
 
 #![allow(clippy::all, missing_docs)]
 
@@ -27,6 +29,7 @@ pub mod admin {
 }
 
 pub mod auth;
+pub mod metrics;
 
 /// Response header in which a broker names its group leader's address
 /// (SendMessage replies); our client sends its writes there.

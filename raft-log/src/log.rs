@@ -110,6 +110,26 @@ pub struct LogStats {
     pub syncs: u64,
     pub checkpoints: u64,
     pub segments_deleted: u64,
+    /// Syncs by how long their fdatasyncs took: slot `i` counts those of at
+    /// most [`SYNC_BUCKETS_US`]`[i]` (and more than the bound before); the
+    /// last slot counts the rest.
+    pub sync_buckets: [u64; SYNC_BUCKETS_US.len() + 1],
+    /// Total time spent in fdatasync, microseconds.
+    pub sync_us_total: u64,
+}
+
+/// Upper bounds of the sync latency buckets of [`LogStats`], microseconds.
+pub const SYNC_BUCKETS_US: [u64; 12] =
+    [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000];
+
+impl LogStats {
+    pub(crate) fn record_sync(&mut self, took: std::time::Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let slot = SYNC_BUCKETS_US.iter().position(|b| us <= *b).unwrap_or(SYNC_BUCKETS_US.len());
+        self.sync_buckets[slot] += 1;
+        self.sync_us_total = self.sync_us_total.saturating_add(us);
+        self.syncs += 1;
+    }
 }
 
 /// What recovery found on open.
@@ -1139,6 +1159,7 @@ impl CommitLog {
             }
             (std::mem::take(&mut st.dirty), st.append_seq, st.unsynced_bytes)
         };
+        let started = std::time::Instant::now();
         for f in &files {
             if let Err(e) = f.sync_data() {
                 let mut st = self.write_state();
@@ -1149,7 +1170,7 @@ impl CommitLog {
         let mut st = self.write_state();
         st.synced_seq = st.synced_seq.max(seq);
         st.unsynced_bytes = st.unsynced_bytes.saturating_sub(bytes);
-        st.stats.syncs += 1;
+        st.stats.record_sync(started.elapsed());
         Ok(st.synced_seq)
     }
 
@@ -1341,6 +1362,11 @@ impl CommitLog {
         Ok(())
     }
 
+    /// Size and free space of the file system holding the segments.
+    pub fn disk_usage(&self) -> Result<crate::fs::DiskUsage> {
+        self.fs.disk_usage(&self.data_dir).map_err(|e| LogError::io(&self.data_dir, e))
+    }
+
     /// The highest entry retention would purge: the last entry of the newest
     /// segment that is older than `file_reserved_time_hours` (by last write
     /// time), or, while the disk is fuller than `disk_max_used_ratio`, of the
@@ -1352,7 +1378,7 @@ impl CommitLog {
         let st = self.read_state();
         let Some(last) = st.last else { return Ok(None) };
         let max_age = Duration::from_secs(self.config.file_reserved_time_hours * 3600);
-        let usage = self.fs.disk_usage(&self.data_dir).map_err(|e| LogError::io(&self.data_dir, e))?;
+        let usage = self.disk_usage()?;
         let over_ratio = usage.used_ratio() > self.config.disk_max_used_ratio;
         let mut bytes_to_free = if over_ratio {
             let target_used = (self.config.disk_max_used_ratio * usage.total_bytes as f64) as u64;

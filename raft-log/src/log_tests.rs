@@ -730,3 +730,19 @@ fn a_log_replaced_by_nothing_continues_at_the_senders_position() {
     append(&log, 100, 102, 2, 100);
     assert_eq!(log.position_of(100).unwrap().0, 5_000_000);
 }
+
+#[test]
+fn sync_latency_lands_in_its_bucket() {
+    use crate::log::LogStats;
+    use crate::log::SYNC_BUCKETS_US;
+
+    let mut s = LogStats::default();
+    s.record_sync(Duration::from_micros(100)); // at a bound: that bucket
+    s.record_sync(Duration::from_micros(101)); // just above: the next
+    s.record_sync(Duration::from_secs(3)); // above every bound: the last
+    assert_eq!(s.sync_buckets[0], 1);
+    assert_eq!(s.sync_buckets[1], 1);
+    assert_eq!(s.sync_buckets[SYNC_BUCKETS_US.len()], 1);
+    assert_eq!(s.syncs, 3);
+    assert_eq!(s.sync_us_total, 100 + 101 + 3_000_000);
+}

@@ -11,5 +11,6 @@ mod compat;
 mod features;
 mod groups;
 mod jepsen_cleanup;
+mod operations;
 mod regressions;
 mod snapshot;
