@@ -345,9 +345,96 @@ impl AdminService for Admin {
         check_name("consumer group", &req.group).map_err(|e| e.to_status())?;
         Ok(Response::new(self.control(Control::ResendDeadLetter { group: req.group, dlq_offset: req.offset }).await?))
     }
+
+    async fn consumer_connections(
+        &self,
+        req: Request<pb::ConsumerConnectionsRequest>,
+    ) -> Result<Response<pb::ConsumerConnectionsReply>, Status> {
+        let group = req.into_inner().group;
+        check_name("consumer group", &group).map_err(|e| e.to_status())?;
+        let now = crate::messaging::now_ms();
+        let expire = self.node.settings().consumer.client_expire_ms;
+        let st = self.node.sm.read();
+        let mut connections: Vec<pb::ConsumerConnection> = st
+            .held
+            .group_clients(&group)
+            .map(|(client, seen)| pb::ConsumerConnection {
+                client_id: client.to_string(),
+                last_heartbeat_ms_ago: now.saturating_sub(seen),
+                alive: seen.saturating_add(expire) >= now,
+            })
+            .collect();
+        connections.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        Ok(Response::new(pb::ConsumerConnectionsReply { connections }))
+    }
+
+    async fn reset_offset_by_time(
+        &self,
+        req: Request<pb::ResetOffsetRequest>,
+    ) -> Result<Response<pb::ResetOffsetReply>, Status> {
+        let req = req.into_inner();
+        check_name("consumer group", &req.group).map_err(|e| e.to_status())?;
+        check_name("topic", &req.topic).map_err(|e| e.to_status())?;
+        // Search what the group has committed, not a stale local copy.
+        self.node.linearizable_barrier().await.map_err(|e| e.to_status())?;
+        let queues = {
+            let st = self.node.sm.read();
+            st.topics
+                .get(&req.topic)
+                .map(|t| t.queues)
+                .ok_or_else(|| Status::not_found(format!("topic {}", req.topic)))?
+        };
+        let mut out = Vec::new();
+        for queue in 0..queues {
+            let offset = self.offset_at_time(&req.topic, queue, req.timestamp_ms).map_err(|e| e.to_status())?;
+            let c = Control::UpdateOffset { group: req.group.clone(), topic: req.topic.clone(), queue, offset };
+            self.control(c).await?;
+            out.push(pb::QueueOffset { queue_id: queue, offset });
+        }
+        Ok(Response::new(pb::ResetOffsetReply { queues: out }))
+    }
+
+    async fn get_config(&self, _req: Request<pb::Empty>) -> Result<Response<pb::ConfigReply>, Status> {
+        Ok(Response::new(pb::ConfigReply { toml: self.node.effective_config().to_toml_redacted() }))
+    }
+
+    async fn update_config(&self, req: Request<pb::UpdateConfigRequest>) -> Result<Response<pb::AdminReply>, Status> {
+        let req = req.into_inner();
+        let new = self.node.effective_config().with_setting(&req.key, &req.value).map_err(Status::invalid_argument)?;
+        let restart = self.node.reload(&new).map_err(Status::invalid_argument)?;
+        debug_assert!(restart.is_empty(), "with_setting changes run-time keys only");
+        tracing::info!(key = %req.key, value = %req.value, "setting changed through the admin API");
+        Ok(Response::new(pb::AdminReply {
+            message: format!(
+                "node {}: {} = {} in effect (in memory: put it in the config file to keep it after a restart)",
+                self.node.id(),
+                req.key,
+                req.value
+            ),
+        }))
+    }
 }
 
 impl Admin {
+    /// The first offset of a queue whose message was stored at or after
+    /// `timestamp_ms` (the queue's end if none), by binary search over store
+    /// times: they grow along a queue, up to clock differences between the
+    /// nodes that stored them.
+    fn offset_at_time(&self, topic: &str, queue: u32, timestamp_ms: i64) -> crate::error::Result<u64> {
+        let (mut lo, mut hi) = self.node.sm.queue_range(topic, queue).unwrap_or((0, 0));
+        // At most 64 probes: the range halves each time.
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let stored = self.node.sm.read_messages(topic, queue, &[mid])?;
+            match stored.first() {
+                Some(m) if m.message.store_timestamp_ms >= timestamp_ms => hi = mid,
+                // Stored earlier, or no longer there (retention): look later.
+                _ => lo = mid + 1,
+            }
+        }
+        Ok(lo)
+    }
+
     /// A stored message as the admin API shows it.
     fn found(&self, r: &crate::sm::ReadMessage, origin: Option<&crate::held::DeadOrigin>) -> pb::FoundMessage {
         let m = &r.message;

@@ -325,6 +325,65 @@ impl BrokerConfig {
         changed
     }
 
+    /// The configuration as TOML, secret keys replaced by "<redacted>".
+    pub fn to_toml_redacted(&self) -> String {
+        fn strip_nulls(v: &mut serde_json::Value) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    m.retain(|_, x| !x.is_null());
+                    m.values_mut().for_each(strip_nulls);
+                }
+                serde_json::Value::Array(a) => a.iter_mut().for_each(strip_nulls),
+                _ => {}
+            }
+        }
+        // Through JSON: it writes the integer keys of [peers] as strings.
+        let mut v = serde_json::to_value(self).expect("a config serializes");
+        strip_nulls(&mut v);
+        if let Some(accounts) = v.pointer_mut("/acl/accounts").and_then(|a| a.as_array_mut()) {
+            for a in accounts {
+                a["secret_key"] = serde_json::Value::String("<redacted>".into());
+            }
+        }
+        toml::to_string(&v).expect("a config writes as TOML")
+    }
+
+    /// Sets one run-time setting, `section.key` of [limits], [follower_read],
+    /// [consumer] or [transaction], to a TOML value; the result is
+    /// validated. Other keys (and [acl]) change in the file, with a reload.
+    pub fn with_setting(&self, key: &str, value: &str) -> Result<BrokerConfig, String> {
+        fn set<T: Serialize + serde::de::DeserializeOwned>(
+            section: &T,
+            field: &str,
+            value: toml::Value,
+        ) -> Result<T, String> {
+            let mut table = toml::Table::try_from(section).map_err(|e| e.to_string())?;
+            if !table.contains_key(field) {
+                return Err(format!("no key {field} here"));
+            }
+            table.insert(field.to_string(), value);
+            table.try_into().map_err(|e: toml::de::Error| e.to_string())
+        }
+        let parsed: toml::Table =
+            toml::from_str(&format!("v = {value}")).map_err(|e| format!("value {value:?}: {e}"))?;
+        let value = parsed.get("v").cloned().ok_or("no value")?;
+        let (section, field) = key.split_once('.').ok_or_else(|| format!("key {key:?}: expected section.key"))?;
+        let mut c = self.clone();
+        match section {
+            "limits" => c.limits = set(&c.limits, field, value)?,
+            "follower_read" => c.follower_read = set(&c.follower_read, field, value)?,
+            "consumer" => c.consumer = set(&c.consumer, field, value)?,
+            "transaction" => c.transaction = set(&c.transaction, field, value)?,
+            other => {
+                return Err(format!(
+                    "[{other}] cannot change at run time here: edit the config file (then reload, or restart for keys a reload does not take)"
+                ));
+            }
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
     /// The address this node listens on.
     pub fn listen_addr(&self) -> String {
         self.listen.clone().unwrap_or_else(|| self.peers[&self.node_id].clone())
@@ -428,5 +487,31 @@ data_dir = "/tmp/x"
             .collect();
         assert!(uncommented.contains("\nflush_mode = \"sync\"\n"), "{uncommented}");
         BrokerConfig::from_toml(&uncommented).expect("the example's commented keys parse");
+    }
+
+    #[test]
+    fn one_setting_changes_at_run_time_and_others_are_refused() {
+        let c = BrokerConfig::from_toml(OK).unwrap();
+        let n = c.with_setting("limits.max_body_bytes", "1024").unwrap();
+        assert_eq!(n.limits.max_body_bytes, 1024);
+        assert_eq!(c.restart_only_changes(&n), Vec::<&str>::new());
+        assert!(c.with_setting("limits.bogus", "1").unwrap_err().contains("bogus"));
+        assert!(c.with_setting("limits.max_body_bytes", "\"big\"").is_err());
+        assert!(c.with_setting("limits.max_body_bytes", "0").unwrap_err().contains("max_body_bytes"));
+        assert!(c.with_setting("raft.heartbeat_interval_ms", "50").unwrap_err().contains("config file"));
+        assert!(c.with_setting("follower_read.enabled", "false").is_ok());
+    }
+
+    #[test]
+    fn the_effective_config_prints_as_toml_that_parses_back_without_secrets() {
+        let text = format!(
+            "{OK}\n[acl]\nenabled = true\n[[acl.accounts]]\naccess_key = \"a\"\nsecret_key = \"s3cret\"\nadmin = true\n"
+        );
+        let c = BrokerConfig::from_toml(&text).unwrap();
+        let out = c.to_toml_redacted();
+        assert!(!out.contains("s3cret") && out.contains("<redacted>"), "{out}");
+        let back = BrokerConfig::from_toml(&out).unwrap();
+        assert_eq!(back.peers, c.peers);
+        assert_eq!(back.limits, c.limits);
     }
 }

@@ -77,6 +77,8 @@ impl Stats {
 /// The run-time part of the configuration (see [`BrokerConfig::reloadable`]),
 /// replaced whole on reload: readers take one consistent `Arc` of it.
 pub struct Settings {
+    /// What these settings were made from.
+    pub source: crate::config::Reloadable,
     pub limits: crate::config::Limits,
     pub follower_read: crate::config::FollowerRead,
     pub consumer: crate::config::ConsumerConfig,
@@ -88,10 +90,11 @@ impl Settings {
     pub fn new(r: crate::config::Reloadable) -> std::result::Result<Settings, String> {
         Ok(Settings {
             acl: crate::acl::Acl::new(&r.acl).map_err(|e| format!("acl: {e}"))?,
-            limits: r.limits,
-            follower_read: r.follower_read,
-            consumer: r.consumer,
-            transaction: r.transaction,
+            limits: r.limits.clone(),
+            follower_read: r.follower_read.clone(),
+            consumer: r.consumer.clone(),
+            transaction: r.transaction.clone(),
+            source: r,
         })
     }
 }
@@ -356,6 +359,20 @@ impl BrokerNode {
     /// The current run-time settings.
     pub fn settings(&self) -> Arc<Settings> {
         self.settings.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The configuration in effect: the one the node started with, with the
+    /// settings reloaded since.
+    pub fn effective_config(&self) -> BrokerConfig {
+        let r = self.settings().source.clone();
+        BrokerConfig {
+            limits: r.limits,
+            follower_read: r.follower_read,
+            consumer: r.consumer,
+            transaction: r.transaction,
+            acl: r.acl,
+            ..self.config.clone()
+        }
     }
 
     /// Takes the reloadable settings of `new` (SIGHUP). Returns the keys

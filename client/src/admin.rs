@@ -164,4 +164,34 @@ impl Admin {
         let req = admin_pb::ResendDeadLetterRequest { group: group.into(), offset };
         Ok(self.client.clone().resend_dead_letter(req).await.map_err(admin_err)?.into_inner().message)
     }
+
+    /// The consumers of `group` heard from by heartbeat.
+    pub async fn consumer_connections(&self, group: &str) -> Result<Vec<admin_pb::ConsumerConnection>> {
+        let req = admin_pb::ConsumerConnectionsRequest { group: group.into() };
+        Ok(self.client.clone().consumer_connections(req).await.map_err(admin_err)?.into_inner().connections)
+    }
+
+    /// Moves `group`'s offsets on `topic` to the first messages stored at or
+    /// after `timestamp_ms`; returns the new offset of each queue.
+    pub async fn reset_offset_by_time(
+        &self,
+        group: &str,
+        topic: &str,
+        timestamp_ms: i64,
+    ) -> Result<Vec<admin_pb::QueueOffset>> {
+        let req = admin_pb::ResetOffsetRequest { group: group.into(), topic: topic.into(), timestamp_ms };
+        Ok(self.client.clone().reset_offset_by_time(req).await.map_err(admin_err)?.into_inner().queues)
+    }
+
+    /// The node's configuration in effect, as TOML (secrets redacted).
+    pub async fn get_config(&self) -> Result<String> {
+        Ok(self.client.clone().get_config(admin_pb::Empty {}).await.map_err(admin_err)?.into_inner().toml)
+    }
+
+    /// Changes one run-time setting of this node in memory (`limits.x`,
+    /// `follower_read.x`, `consumer.x`, `transaction.x`; value in TOML).
+    pub async fn update_config(&self, key: &str, value: &str) -> Result<String> {
+        let req = admin_pb::UpdateConfigRequest { key: key.into(), value: value.into() };
+        Ok(self.client.clone().update_config(req).await.map_err(admin_err)?.into_inner().message)
+    }
 }

@@ -159,3 +159,79 @@ fn a_stopped_leader_hands_leadership_to_a_follower_first() {
         p.send("ho", OutMessage::new("after the handover")).await.unwrap();
     });
 }
+
+#[test]
+fn admin_api_lists_connections_resets_offsets_by_time_and_changes_settings() {
+    use raftmq_client::Admin;
+    use raftmq_client::ConsumeResult;
+    use raftmq_client::Filter;
+
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(dir.path(), 3, "");
+    runtime().block_on(async {
+        let (_, admin) = wait_for_leader(&c, Duration::from_secs(20)).await;
+        create_topic(&admin, "adm", 2).await;
+        let opts = ProducerOptions { max_attempts: 1, ..ProducerOptions::default() };
+        let p = Producer::new(&c.addrs(), opts).unwrap();
+        let early: Vec<OutMessage> = (0..10).map(|i| OutMessage::new(format!("early {i}"))).collect();
+        p.send_batch("adm", &early).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let cut_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let late: Vec<OutMessage> = (0..7).map(|i| OutMessage::new(format!("late {i}"))).collect();
+        p.send_batch("adm", &late).await.unwrap();
+
+        // Reset by time: each queue's offset lands on its first late message.
+        let queues = admin.reset_offset_by_time("adm-g", "adm", cut_ms).await.unwrap();
+        assert_eq!(queues.len(), 2);
+        assert_eq!(queues.iter().map(|q| q.offset).sum::<u64>(), 10, "10 messages before the time: {queues:?}");
+        let progress = admin.consumer_progress("adm-g", "adm").await.unwrap();
+        assert_eq!(progress.total_lag, 7, "7 messages after it");
+        let all = admin.reset_offset_by_time("adm-g", "adm", 0).await.unwrap();
+        assert_eq!(all.iter().map(|q| q.offset).sum::<u64>(), 0, "from the beginning");
+
+        // Connections: a push consumer's heartbeats, replicated to every node.
+        let push = raftmq_client::PushConsumer::start(
+            &c.addrs()[..1],
+            "adm-push",
+            "adm",
+            Filter::Tag("*".into()),
+            raftmq_client::PushConsumerOptions::default(),
+            |_m: &raftmq_client::Received| ConsumeResult::Success,
+        )
+        .await
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let all_see_it = futures::future::join_all(c.nodes.iter().map(|(_, a)| async move {
+                let list = Admin::connect(a).unwrap().consumer_connections("adm-push").await.unwrap_or_default();
+                list.len() == 1 && list[0].alive
+            }))
+            .await
+            .into_iter()
+            .all(|x| x);
+            if all_see_it {
+                break;
+            }
+            assert!(Instant::now() < deadline, "every node lists the push consumer");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        drop(push);
+
+        // Configuration: shown with the defaults; one run-time key changed
+        // on every node; a restart-only key refused.
+        let shown = admin.get_config().await.unwrap();
+        assert!(shown.contains("max_body_bytes = 4194304"), "{shown}");
+        for (_, a) in &c.nodes {
+            let m = Admin::connect(a).unwrap().update_config("limits.max_body_bytes", "100").await.unwrap();
+            assert!(m.contains("in effect"), "{m}");
+        }
+        let err = p.send("adm", OutMessage::new(vec![b'x'; 200])).await.unwrap_err();
+        assert!(err.to_string().contains("larger than the limit of 100 bytes"), "{err}");
+        assert!(admin.get_config().await.unwrap().contains("max_body_bytes = 100"));
+        let refused = admin.update_config("raft.heartbeat_interval_ms", "50").await.unwrap_err();
+        assert!(refused.to_string().contains("config file"), "{refused}");
+        let refused = admin.update_config("limits.max_body_bytes", "0").await.unwrap_err();
+        assert!(refused.to_string().contains("max_body_bytes"), "{refused}");
+    });
+}

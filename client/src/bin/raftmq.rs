@@ -28,6 +28,9 @@ struct Cli {
         global = true
     )]
     server: Vec<String>,
+    /// Name server (route and cluster lists).
+    #[arg(long, default_value = "127.0.0.1:9876", global = true)]
+    namesrv: String,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -125,6 +128,31 @@ enum Cmd {
         #[command(subcommand)]
         cmd: NodeCmd,
     },
+    /// The nodes given with --server: role, term, indexes, disk, reads.
+    Broker {
+        #[command(subcommand)]
+        cmd: BrokerCmd,
+    },
+    /// A node's configuration: show it, or change a run-time setting on
+    /// every node of the group (in memory).
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BrokerCmd {
+    Status,
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// The configuration in effect on each node given with --server.
+    Get,
+    /// Sets `section.key` (limits, follower_read, consumer, transaction) to
+    /// a TOML value on every node of the group, e.g. `limits.max_body_bytes 1048576`.
+    Update { key: String, value: String },
 }
 
 #[derive(Subcommand)]
@@ -148,11 +176,22 @@ enum TopicCmd {
         name: String,
     },
     List,
+    /// Per queue: first and end offset, messages kept.
+    Status {
+        name: String,
+    },
+    /// The groups serving a topic, from the name server (--namesrv).
+    Route {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum ClusterCmd {
+    /// Every node of the group this node belongs to.
     Status,
+    /// Every group and node the name server (--namesrv) knows.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -162,6 +201,34 @@ enum ConsumerCmd {
         #[arg(long, default_value = "")]
         topic: String,
     },
+    /// The group's consumers heard from by heartbeat.
+    Connections { group: String },
+    /// Moves the group's offsets on a topic to the first messages stored at
+    /// or after a time: milliseconds since the epoch, or `-30m` / `-2h` /
+    /// `-1d` from now.
+    ResetOffset {
+        group: String,
+        topic: String,
+        #[arg(long, allow_hyphen_values = true)]
+        time: String,
+    },
+}
+
+/// `--time`: epoch milliseconds, or `-<n><s|m|h|d>` before now.
+fn parse_time_ms(s: &str, now_ms: i64) -> anyhow::Result<i64> {
+    if let Some(rel) = s.strip_prefix('-') {
+        let (n, unit) = rel.split_at(rel.len().saturating_sub(1));
+        let n: i64 = n.parse().map_err(|_| anyhow::anyhow!("bad time {s:?}: use epoch ms or -30m, -2h, -1d"))?;
+        let ms = match unit {
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => anyhow::bail!("bad time unit in {s:?}: s, m, h or d"),
+        };
+        return Ok(now_ms - n * ms);
+    }
+    s.parse().map_err(|_| anyhow::anyhow!("bad time {s:?}: use epoch ms or -30m, -2h, -1d"))
 }
 
 #[derive(Subcommand)]
@@ -311,6 +378,46 @@ fn print_found(m: &FoundMessage) {
 }
 
 /// The first node that answers.
+fn namesrv(
+    addr: &str,
+) -> anyhow::Result<raftmq_proto::namesrv::name_server_client::NameServerClient<tonic::transport::Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(5))
+        .connect_lazy();
+    Ok(raftmq_proto::namesrv::name_server_client::NameServerClient::new(ch))
+}
+
+/// Groups and their nodes, as a name server sees them (with a topic's
+/// queue count per group for a route).
+fn print_groups(groups: &[raftmq_proto::namesrv::GroupRoute], json_out: bool, route: bool) {
+    if json_out {
+        let v: Vec<_> = groups
+            .iter()
+            .map(|g| {
+                let nodes: Vec<_> = g
+                    .nodes
+                    .iter()
+                    .map(|n| json!({"node_id": n.node_id, "address": n.address, "leader": n.leader, "term": n.term}))
+                    .collect();
+                json!({"group": g.broker_name, "queues": g.queues, "nodes": nodes})
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+        return;
+    }
+    println!("{:<20} {:>6} {:>5} {:<24} {:<9} {:>6}", "GROUP", "QUEUES", "NODE", "ADDRESS", "ROLE", "TERM");
+    for g in groups {
+        for n in &g.nodes {
+            let role = if n.leader { "leader" } else { "follower" };
+            println!(
+                "{:<20} {:>6} {:>5} {:<24} {:<9} {:>6}",
+                g.broker_name, g.queues, n.node_id, n.address, role, n.term
+            );
+        }
+    }
+}
+
 async fn admin(servers: &[String]) -> anyhow::Result<Admin> {
     let mut last = None;
     for s in servers {
@@ -365,6 +472,37 @@ async fn main() -> anyhow::Result<()> {
                         }
                     );
                 }
+                TopicCmd::Status { name } => {
+                    let topics = a.list_topics().await?;
+                    let t = topics
+                        .into_iter()
+                        .find(|t| t.config.as_ref().is_some_and(|c| c.name == name))
+                        .ok_or_else(|| anyhow::anyhow!("topic {name} not found"))?;
+                    if json_out {
+                        let v: Vec<_> = t.queues.iter().map(|q| json!({"queue": q.queue_id, "min_offset": q.min_offset, "max_offset": q.max_offset})).collect();
+                        println!("{}", json!({"topic": name, "queues": v}));
+                    } else {
+                        println!("{:>5} {:>14} {:>14} {:>12}", "QUEUE", "MIN OFFSET", "MAX OFFSET", "MESSAGES");
+                        for q in &t.queues {
+                            println!(
+                                "{:>5} {:>14} {:>14} {:>12}",
+                                q.queue_id,
+                                q.min_offset,
+                                q.max_offset,
+                                q.max_offset - q.min_offset
+                            );
+                        }
+                    }
+                }
+                TopicCmd::Route { name } => {
+                    let mut ns = namesrv(&cli.namesrv)?;
+                    let route = ns
+                        .get_route(raftmq_proto::namesrv::GetRouteRequest { topic: name.clone() })
+                        .await
+                        .map_err(|s| anyhow::anyhow!("{}: {}", cli.namesrv, s.message()))?
+                        .into_inner();
+                    print_groups(&route.groups, json_out, true);
+                }
                 TopicCmd::List => {
                     let topics = a.list_topics().await?;
                     if json_out {
@@ -386,6 +524,62 @@ async fn main() -> anyhow::Result<()> {
                         }
                     }
                 }
+            }
+        }
+        Cmd::Cluster { cmd: ClusterCmd::List } => {
+            let mut ns = namesrv(&cli.namesrv)?;
+            let c = ns
+                .get_cluster(raftmq_proto::namesrv::GetClusterRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!("{}: {}", cli.namesrv, s.message()))?
+                .into_inner();
+            print_groups(&c.groups, json_out, false);
+        }
+        Cmd::Broker { cmd: BrokerCmd::Status } => {
+            let mut rows = Vec::new();
+            for s in &cli.server {
+                let a = Admin::connect(s)?;
+                match tokio::time::timeout(Duration::from_secs(3), a.node_status()).await {
+                    Ok(Ok(n)) => {
+                        rows.push(json!({"server": s, "node_id": n.node_id, "group": n.broker_name, "role": n.role,
+                        "term": n.term, "commit_index": n.commit_index, "applied_index": n.applied_index,
+                        "leader_id": n.leader_id, "disk_bytes": n.disk_bytes, "reads_served": n.reads_served}))
+                    }
+                    Ok(Err(e)) => rows.push(json!({"server": s, "error": e.to_string()})),
+                    Err(_) => rows.push(json!({"server": s, "error": "timed out"})),
+                }
+            }
+            if json_out {
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                for r in rows {
+                    println!("{r}");
+                }
+            }
+        }
+        Cmd::Config { cmd: ConfigCmd::Get } => {
+            for s in &cli.server {
+                let a = Admin::connect(s)?;
+                match a.get_config().await {
+                    Ok(t) => println!("# {s}\n{t}"),
+                    Err(e) => println!("# {s}: {e}"),
+                }
+            }
+        }
+        Cmd::Config { cmd: ConfigCmd::Update { key, value } } => {
+            let a = admin(&cli.server).await?;
+            let mut failed = 0;
+            for n in a.cluster_status().await? {
+                match Admin::connect(&n.address)?.update_config(&key, &value).await {
+                    Ok(m) => println!("{m}"),
+                    Err(e) => {
+                        failed += 1;
+                        println!("node {} ({}): {e}", n.node_id, n.address);
+                    }
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} node(s) did not take the change");
             }
         }
         Cmd::Cluster { cmd: ClusterCmd::Status } => {
@@ -502,6 +696,35 @@ async fn main() -> anyhow::Result<()> {
                         g.broadcast_enabled
                     );
                 }
+            }
+        }
+        Cmd::Consumer { cmd: ConsumerCmd::Connections { group } } => {
+            let a = admin(&cli.server).await?;
+            let c = a.consumer_connections(&group).await?;
+            if json_out {
+                let v: Vec<_> = c.iter().map(|c| json!({"client_id": c.client_id, "last_heartbeat_ms_ago": c.last_heartbeat_ms_ago, "alive": c.alive})).collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!("{:<48} {:>18} {:>6}", "CLIENT", "LAST HEARTBEAT", "ALIVE");
+                for c in &c {
+                    println!("{:<48} {:>15} ms {:>6}", c.client_id, c.last_heartbeat_ms_ago, c.alive);
+                }
+                println!("{} consumer(s)", c.len());
+            }
+        }
+        Cmd::Consumer { cmd: ConsumerCmd::ResetOffset { group, topic, time } } => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+            let ts = parse_time_ms(&time, now)?;
+            let a = admin(&cli.server).await?;
+            let queues = a.reset_offset_by_time(&group, &topic, ts).await?;
+            if json_out {
+                let v: Vec<_> = queues.iter().map(|q| json!({"queue": q.queue_id, "offset": q.offset})).collect();
+                println!("{}", json!({"group": group, "topic": topic, "timestamp_ms": ts, "queues": v}));
+            } else {
+                for q in &queues {
+                    println!("{topic} queue {}: offset {}", q.queue_id, q.offset);
+                }
+                println!("reset {group} on {topic} to {ts} ms");
             }
         }
         Cmd::Consumer { cmd: ConsumerCmd::Progress { group, topic } } => {
@@ -717,4 +940,18 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_time_ms;
+
+    #[test]
+    fn times_are_epoch_ms_or_relative_to_now() {
+        assert_eq!(parse_time_ms("1700000000000", 0).unwrap(), 1_700_000_000_000);
+        assert_eq!(parse_time_ms("-30m", 10_000_000).unwrap(), 10_000_000 - 30 * 60_000);
+        assert_eq!(parse_time_ms("-1d", 100_000_000).unwrap(), 100_000_000 - 86_400_000);
+        assert!(parse_time_ms("-5w", 0).is_err());
+        assert!(parse_time_ms("yesterday", 0).is_err());
+    }
 }
