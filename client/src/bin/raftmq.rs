@@ -406,14 +406,13 @@ fn print_groups(groups: &[raftmq_proto::namesrv::GroupRoute], json_out: bool, ro
         println!("{}", serde_json::Value::Array(v));
         return;
     }
-    println!("{:<20} {:>6} {:>5} {:<24} {:<9} {:>6}", "GROUP", "QUEUES", "NODE", "ADDRESS", "ROLE", "TERM");
+    let queues = |q: String| if route { format!(" {q:>6}") } else { String::new() };
+    println!("{:<20}{} {:>5} {:<24} {:<9} {:>6}", "GROUP", queues("QUEUES".into()), "NODE", "ADDRESS", "ROLE", "TERM");
     for g in groups {
         for n in &g.nodes {
             let role = if n.leader { "leader" } else { "follower" };
-            println!(
-                "{:<20} {:>6} {:>5} {:<24} {:<9} {:>6}",
-                g.broker_name, g.queues, n.node_id, n.address, role, n.term
-            );
+            let q = queues(g.queues.to_string());
+            println!("{:<20}{q} {:>5} {:<24} {:<9} {:>6}", g.broker_name, n.node_id, n.address, role, n.term);
         }
     }
 }
