@@ -124,7 +124,9 @@ impl AdminService for Admin {
                 broadcast_enabled: g.broadcast_enabled,
             })
             .collect();
-        Ok(Response::new(pb::ListGroupsReply { groups }))
+        let unconfigured: BTreeSet<String> =
+            st.groups.keys().map(|(g, _, _)| g.clone()).filter(|g| !st.group_confs.contains_key(g)).collect();
+        Ok(Response::new(pb::ListGroupsReply { groups, unconfigured: unconfigured.into_iter().collect() }))
     }
 
     async fn list_topics(&self, _req: Request<pb::Empty>) -> Result<Response<pb::ListTopicsReply>, Status> {
@@ -199,6 +201,7 @@ impl AdminService for Admin {
                 max_offset: max,
                 lag: max.saturating_sub(g.committed),
                 inflight: g.inflight.len() as u64,
+                retrying: g.inflight.values().filter(|i| i.attempt > 1).count() as u64,
             });
         }
         if queues.is_empty() {
@@ -362,9 +365,22 @@ impl AdminService for Admin {
                 client_id: client.to_string(),
                 last_heartbeat_ms_ago: now.saturating_sub(seen),
                 alive: seen.saturating_add(expire) >= now,
+                assigned: Vec::new(),
             })
             .collect();
         connections.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        // Assignment over the topics the group has state in, as push
+        // consumers get it (QueryAssignment).
+        let alive: Vec<String> = connections.iter().filter(|c| c.alive).map(|c| c.client_id.clone()).collect();
+        let topics: BTreeSet<&String> = st.groups.keys().filter(|(g, _, _)| *g == group).map(|(_, t, _)| t).collect();
+        for c in connections.iter_mut().filter(|c| c.alive) {
+            for t in &topics {
+                let n = st.topics.get(*t).map_or(0, |conf| conf.queues as usize);
+                for q in crate::clients::allocate_averagely(n, &alive, &c.client_id) {
+                    c.assigned.push(format!("{t}#{q}"));
+                }
+            }
+        }
         Ok(Response::new(pb::ConsumerConnectionsReply { connections }))
     }
 

@@ -320,6 +320,10 @@ impl BrokerNode {
     pub fn status(&self) -> raftmq_proto::admin::NodeStatus {
         use raftmq_proto::admin as pb;
         let n = self;
+        let (produced, consumed) = {
+            let topics = n.stats.topics.lock().unwrap_or_else(|e| e.into_inner());
+            topics.values().fold((0, 0), |(p, c), t| (p + t.produced_messages, c + t.consumed_messages))
+        };
         let m = n.raft.metrics().borrow_watched().clone();
         let commit = m.local_committed.map(|l| l.index).unwrap_or(0);
         let followers = m
@@ -353,6 +357,8 @@ impl BrokerNode {
             error: String::new(),
             log_first_index: n.log.first_index(),
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            messages_produced: produced,
+            messages_consumed: consumed,
         }
     }
 

@@ -85,6 +85,20 @@ impl Admin {
         Ok(self.client.clone().list_groups(admin_pb::Empty {}).await.map_err(admin_err)?.into_inner().groups)
     }
 
+    /// Every consumer group: the configured ones, then those with
+    /// consumption state only (shown with the defaults: enabled, broker
+    /// default attempts).
+    pub async fn all_groups(&self) -> Result<Vec<admin_pb::GroupConfig>> {
+        let r = self.client.clone().list_groups(admin_pb::Empty {}).await.map_err(admin_err)?.into_inner();
+        let mut groups = r.groups;
+        groups.extend(r.unconfigured.into_iter().map(|name| admin_pb::GroupConfig {
+            name,
+            consume_enabled: true,
+            ..Default::default()
+        }));
+        Ok(groups)
+    }
+
     /// A group's offsets, lag and in-flight messages per queue (`topic` empty: every topic).
     pub async fn consumer_progress(&self, group: &str, topic: &str) -> Result<admin_pb::ConsumerProgressReply> {
         let req = admin_pb::ConsumerProgressRequest { group: group.into(), topic: topic.into() };

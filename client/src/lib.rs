@@ -46,6 +46,7 @@ mod admin;
 pub mod allocate;
 mod backoff;
 mod broadcast;
+pub mod console;
 mod filter;
 mod headers;
 mod md5;

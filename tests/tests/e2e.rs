@@ -8,6 +8,7 @@
 mod cluster;
 mod commitlog_kill;
 mod compat;
+mod console;
 mod features;
 mod groups;
 mod jepsen_cleanup;

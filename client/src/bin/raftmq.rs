@@ -4,6 +4,7 @@
 use std::time::Duration;
 use std::time::Instant;
 
+use anyhow::Context;
 use clap::Parser;
 use clap::Subcommand;
 use raftmq_client::Admin;
@@ -138,6 +139,20 @@ enum Cmd {
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
+    },
+    /// Serve the web console at http://LISTEN/ (files built in; works
+    /// offline). It talks to the nodes given with --server and the name
+    /// server given with --namesrv.
+    Console {
+        #[arg(long, default_value = "127.0.0.1:8088")]
+        listen: String,
+        /// Write actions need this key (the page asks for it). Without a key
+        /// the console is read-only when the group has ACL on.
+        #[arg(long)]
+        admin_key: Option<String>,
+        /// No write actions.
+        #[arg(long)]
+        read_only: bool,
     },
 }
 
@@ -555,6 +570,20 @@ async fn main() -> anyhow::Result<()> {
                     println!("{r}");
                 }
             }
+        }
+        Cmd::Console { listen, admin_key, read_only } => {
+            let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listen {listen}"))?;
+            let config = raftmq_client::console::ConsoleConfig {
+                servers: cli.server.clone(),
+                namesrv: cli.namesrv.clone(),
+                admin_key,
+                read_only,
+            };
+            println!("console at http://{}/", listener.local_addr()?);
+            raftmq_client::console::serve(listener, config, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
         }
         Cmd::Config { cmd: ConfigCmd::Get } => {
             for s in &cli.server {
