@@ -7,7 +7,8 @@
 #   bench/compare.sh                 # the full matrix (about 40 minutes)
 #   bench/compare.sh --quick         # a short smoke version, equal durability only (CI)
 #   options: --out DIR (default bench/results/<date>), --profile debug|release
-#            (default release), --systems raftmq,nats,rabbitmq
+#            (default release), --systems raftmq,nats,rabbitmq,
+#            --only produce|sizes|fixed-rate|e2e|drain|failover (one workload)
 #
 # Durability: the "equal" class fsyncs every acknowledged message on a
 # majority: RaftMQ flush_mode "sync" (its default), JetStream R3 with
@@ -21,14 +22,16 @@ source scripts/env.sh
 QUICK=0
 PROFILE=release
 SYSTEMS=raftmq,nats,rabbitmq
+ONLY=""
 OUT=""
 while [ $# -gt 0 ]; do
     case "$1" in
     --quick) QUICK=1 ;;
     --profile) PROFILE=$2; shift ;;
     --systems) SYSTEMS=$2; shift ;;
+    --only) ONLY=$2; shift ;;
     --out) OUT=$2; shift ;;
-    *) echo "usage: $0 [--quick] [--profile debug|release] [--systems LIST] [--out DIR]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--quick] [--profile debug|release] [--systems LIST] [--only WORKLOAD] [--out DIR]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -77,19 +80,27 @@ else
     CLASSES="equal default"
 fi
 RATE=""
+# Whether workload $1 runs (all unless --only names one).
+runs() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }
+case "$ONLY" in ""|produce|sizes|fixed-rate|e2e|drain|failover) ;; *) echo "compare: unknown workload $ONLY" >&2; exit 2 ;; esac
+if [ -n "$ONLY" ] && [ "$ONLY" != produce ]; then CLASSES="equal"; fi
 IFS=, read -r -a systems <<< "$SYSTEMS"
 for dur in $CLASSES; do
     for sys in "${systems[@]}"; do
         echo "== $sys ($dur durability)"
         start "$sys" "$dur"
-        for p in $PRODUCERS_1K; do
-            bench "$sys" "$dur" "produce-1024-p$p" --size 1024 produce --producers "$p" --seconds "$SECS"
-        done
-        if [ "$dur" = equal ]; then
-            [ "$QUICK" = 1 ] || for s in $SIZES_64; do
-                bench "$sys" "$dur" "produce-$s-p64" --size "$s" produce --producers 64 --seconds "$SECS"
+        if runs produce || runs fixed-rate || runs e2e; then
+            for p in $PRODUCERS_1K; do
+                bench "$sys" "$dur" "produce-1024-p$p" --size 1024 produce --producers "$p" --seconds "$SECS"
             done
-            if [ -z "$RATE" ]; then
+        fi
+        if [ "$dur" = equal ]; then
+            if [ "$QUICK" = 0 ] && { [ -z "$ONLY" ] || [ "$ONLY" = sizes ]; }; then
+                for s in $SIZES_64; do
+                    bench "$sys" "$dur" "produce-$s-p64" --size "$s" produce --producers 64 --seconds "$SECS"
+                done
+            fi
+            if [ -z "$RATE" ] && { runs fixed-rate || runs e2e; }; then
                 # Half of the first system's (RaftMQ's) 64-producer maximum, the
                 # same offered load for every system.
                 max=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['msgs_per_s'])" \
@@ -97,10 +108,16 @@ for dur in $CLASSES; do
                 RATE=$(python3 -c "print(max(100, int(float('$max') / 2)))")
                 echo "fixed rate for every system: $RATE msg/s"
             fi
-            bench "$sys" "$dur" fixed-rate --size 1024 fixed-rate --rate "$RATE" --producers 64 --seconds "$SECS"
-            bench "$sys" "$dur" e2e --size 1024 e2e --rate "$RATE" --producers 64 --consumers 8 --seconds "$SECS"
-            bench "$sys" "$dur" drain --size 1024 drain --messages "$DRAIN" --producers 64 --consumers 8
-            if [ "$sys" = raftmq ]; then
+            if runs fixed-rate; then
+                bench "$sys" "$dur" fixed-rate --size 1024 fixed-rate --rate "$RATE" --producers 64 --seconds "$SECS"
+            fi
+            if runs e2e; then
+                bench "$sys" "$dur" e2e --size 1024 e2e --rate "$RATE" --producers 64 --consumers 8 --seconds "$SECS"
+            fi
+            if runs drain; then
+                bench "$sys" "$dur" drain --size 1024 drain --messages "$DRAIN" --producers 64 --consumers 8
+            fi
+            if [ "$sys" = raftmq ] && runs failover; then
                 # kill -9 of the leader to the first acknowledged write.
                 "$BIN/raftmq-bench" --servers "$SERVERS" failover --rounds "$ROUNDS" \
                     --kill-cmd 'bash bench/raftmq.sh kill-node {id}' \
