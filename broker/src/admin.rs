@@ -319,7 +319,19 @@ impl AdminService for Admin {
         let mut messages = Vec::with_capacity(locations.len());
         for (topic, queue, offset) in locations {
             for r in sm.read_messages(&topic, queue, &[offset]).map_err(|e| e.to_status())? {
-                messages.push(self.found(&r, None));
+                let mut found = self.found(&r, None);
+                if !req.group.is_empty() {
+                    let st = sm.read();
+                    let g = st.groups.get(&(req.group.clone(), topic.clone(), queue));
+                    (found.group_state, found.attempts) = match g {
+                        Some(g) if g.inflight.contains_key(&offset) => {
+                            ("in flight".into(), g.inflight[&offset].attempt)
+                        }
+                        Some(g) if offset < g.pop_offset => ("consumed".into(), 0),
+                        _ => ("not delivered".into(), 0),
+                    };
+                }
+                messages.push(found);
             }
         }
         Ok(Response::new(pb::QueryMessageReply { messages }))
@@ -471,6 +483,7 @@ impl Admin {
             origin_queue_id: origin.map(|o| o.queue).unwrap_or(r.queue),
             origin_offset: origin.map(|o| o.offset).unwrap_or(r.offset),
             attempts: origin.map(|o| o.attempts).unwrap_or(0),
+            group_state: String::new(),
         }
     }
 }

@@ -205,7 +205,8 @@ function messageView(m) {
   const props = Object.entries(m.properties || {}).map(([k, v]) => `${esc(k)}=${esc(v)}`).join(", ");
   return `<section><h2>${esc(m.message_id)}</h2>
     <p>${esc(m.topic)} queue ${m.queue} offset ${m.offset} · tag ${esc(m.tag) || "-"} · keys ${esc((m.keys || []).join(", ")) || "-"}
-    · stored ${new Date(m.store_timestamp_ms).toISOString()} · attempts ${m.delivery_attempts} · ${m.body_bytes} bytes</p>
+    · stored ${new Date(m.store_timestamp_ms).toISOString()} · ${m.body_bytes} bytes
+    ${m.group_state ? `· to the group: ${esc(m.group_state)}${m.delivery_attempts ? `, attempt ${m.delivery_attempts}` : ""}` : ""}</p>
     <p>properties: ${props || "-"}</p>
     <p><button class="as-text">text</button> <button class="as-hex">hex</button></p>
     <pre class="body" data-text="${esc(m.body_text ?? "(not UTF-8: shown as hex)")}" data-hex="${esc(m.body_hex)}">${esc(m.body_text ?? m.body_hex)}</pre></section>`;
@@ -213,7 +214,8 @@ function messageView(m) {
 
 async function showMessages() {
   page.innerHTML = `<section><h2>Find messages</h2>
-      <form id="find"><label>message id<input name="id"></label><label>topic<input name="topic"></label><label>key<input name="key"></label><button>find</button></form></section>
+      <form id="find"><label>message id<input name="id"></label><label>topic<input name="topic"></label><label>key<input name="key"></label>
+        <label>delivery to group<input name="group" placeholder="(optional)"></label><button>find</button></form></section>
     <section class="write"><h2>Send a test message</h2>
       <form id="send"><label>topic<input name="topic" required></label><label>tag<input name="tag"></label><label>key<input name="key"></label>
         <label>body<input name="body" value="hello from the console"></label><button>send</button></form></section>

@@ -141,8 +141,7 @@ impl Admin {
         let req = admin_pb::QueryMessageRequest {
             topic: topic.unwrap_or_default().into(),
             message_id: message_id.into(),
-            key: String::new(),
-            max: 0,
+            ..Default::default()
         };
         Ok(self.client.clone().query_message(req).await.map_err(admin_err)?.into_inner().messages)
     }
@@ -153,8 +152,13 @@ impl Admin {
         if topic.is_empty() || key.is_empty() {
             return Err(ClientError::Input("a query by key needs a topic and a key".into()));
         }
-        let req =
-            admin_pb::QueryMessageRequest { topic: topic.into(), message_id: String::new(), key: key.into(), max };
+        let req = admin_pb::QueryMessageRequest { topic: topic.into(), key: key.into(), max, ..Default::default() };
+        Ok(self.client.clone().query_message(req).await.map_err(admin_err)?.into_inner().messages)
+    }
+
+    /// Any message query (by id or key), optionally with each message's
+    /// delivery state for a consumer group (`req.group`).
+    pub async fn query_messages(&self, req: admin_pb::QueryMessageRequest) -> Result<Vec<admin_pb::FoundMessage>> {
         Ok(self.client.clone().query_message(req).await.map_err(admin_err)?.into_inner().messages)
     }
 

@@ -475,16 +475,18 @@ impl Console {
     }
 
     async fn find_messages(&self, q: &BTreeMap<String, String>) -> anyhow::Result<Value> {
-        let a = self.admin().await?;
-        let topic = q.get("topic").filter(|t| !t.is_empty());
-        let found = match (q.get("id").filter(|s| !s.is_empty()), q.get("key").filter(|s| !s.is_empty())) {
-            (Some(id), _) => a.query_message_by_id(id, topic.map(String::as_str)).await?,
-            (None, Some(key)) => {
-                let topic = topic.ok_or_else(|| anyhow::anyhow!("a search by key needs a topic"))?;
-                a.query_message_by_key(topic, key, 32).await?
-            }
-            _ => anyhow::bail!("give a message id, or a topic and a key"),
+        let get = |k: &str| q.get(k).cloned().unwrap_or_default();
+        let req = admin_pb::QueryMessageRequest {
+            topic: get("topic"),
+            message_id: get("id"),
+            key: get("key"),
+            max: 32,
+            group: get("group"),
         };
+        if req.message_id.is_empty() && (req.key.is_empty() || req.topic.is_empty()) {
+            anyhow::bail!("give a message id, or a topic and a key");
+        }
+        let found = self.admin().await?.query_messages(req).await?;
         Ok(json!({ "messages": found.iter().map(found_json).collect::<Vec<_>>() }))
     }
 
@@ -546,7 +548,7 @@ fn found_json(m: &admin_pb::FoundMessage) -> Value {
         "tag": m.tag, "keys": m.keys, "properties": m.properties,
         "body_text": text, "body_hex": hex, "body_bytes": m.body.len(),
         "born_timestamp_ms": m.born_timestamp_ms, "store_timestamp_ms": m.store_timestamp_ms,
-        "delivery_attempts": m.attempts,
+        "delivery_attempts": m.attempts, "group_state": m.group_state,
         "origin_queue": m.origin_queue_id, "origin_offset": m.origin_offset,
     })
 }

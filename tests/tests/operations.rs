@@ -218,6 +218,21 @@ fn admin_api_lists_connections_resets_offsets_by_time_and_changes_settings() {
         }
         drop(push);
 
+        // A message's delivery to a group: in flight at attempt 1 once
+        // received and not acked; not delivered to another group.
+        let sc = raftmq_client::SimpleConsumer::new(&c.addrs(), "adm-sc").unwrap();
+        let got = sc.receive("adm", None, 1, Duration::from_secs(60), Duration::from_secs(5)).await.unwrap();
+        let id = got[0].message_id.clone();
+        let query = |group: &str| raftmq_client::admin_pb::QueryMessageRequest {
+            message_id: id.clone(),
+            group: group.to_string(),
+            ..Default::default()
+        };
+        let found = admin.query_messages(query("adm-sc")).await.unwrap();
+        assert_eq!((found[0].group_state.as_str(), found[0].attempts), ("in flight", 1), "{found:?}");
+        let found = admin.query_messages(query("someone-else")).await.unwrap();
+        assert_eq!(found[0].group_state, "not delivered");
+
         // Configuration: shown with the defaults; one run-time key changed
         // on every node; a restart-only key refused.
         let shown = admin.get_config().await.unwrap();

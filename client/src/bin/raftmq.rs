@@ -283,6 +283,9 @@ enum MessageCmd {
         /// At most this many (by key).
         #[arg(long, default_value_t = 32)]
         max: u32,
+        /// Also each message's delivery to this consumer group.
+        #[arg(long)]
+        group: Option<String>,
     },
 }
 
@@ -356,6 +359,7 @@ fn found_json(m: &FoundMessage) -> serde_json::Value {
         "message_group": m.message_group, "born_timestamp_ms": m.born_timestamp_ms,
         "store_timestamp_ms": m.store_timestamp_ms, "delivery_timestamp_ms": m.delivery_timestamp_ms,
         "origin_queue": m.origin_queue_id, "origin_offset": m.origin_offset, "attempts": m.attempts,
+        "group_state": m.group_state,
         "body_size": m.body.len(), "body": String::from_utf8_lossy(&m.body)})
 }
 
@@ -867,16 +871,19 @@ async fn main() -> anyhow::Result<()> {
                 println!("received {got} messages");
             }
         }
-        Cmd::Message { cmd: MessageCmd::Query { id, key, topic, max } } => {
+        Cmd::Message { cmd: MessageCmd::Query { id, key, topic, max, group } } => {
             let a = admin(&cli.server).await?;
-            let found = match (id, key) {
-                (Some(id), _) => a.query_message_by_id(&id, topic.as_deref()).await?,
-                (None, Some(key)) => {
-                    let Some(topic) = topic else { anyhow::bail!("a query by key needs --topic") };
-                    a.query_message_by_key(&topic, &key, max).await?
-                }
-                (None, None) => anyhow::bail!("give --id or --key"),
+            if id.is_none() && (key.is_none() || topic.is_none()) {
+                anyhow::bail!("give --id, or --key with --topic");
+            }
+            let req = raftmq_client::admin_pb::QueryMessageRequest {
+                topic: topic.unwrap_or_default(),
+                message_id: id.unwrap_or_default(),
+                key: key.unwrap_or_default(),
+                max,
+                group: group.clone().unwrap_or_default(),
             };
+            let found = a.query_messages(req).await?;
             if json_out {
                 println!("{}", serde_json::Value::Array(found.iter().map(found_json).collect()));
             } else if found.is_empty() {
@@ -898,6 +905,10 @@ async fn main() -> anyhow::Result<()> {
                         m.keys.join(","),
                         preview(&m.body, 40)
                     );
+                    if let Some(g) = &group {
+                        let attempt = if m.attempts > 0 { format!(", attempt {}", m.attempts) } else { String::new() };
+                        println!("  to {g}: {}{attempt}", m.group_state);
+                    }
                 }
             }
         }
