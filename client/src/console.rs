@@ -95,26 +95,12 @@ pub async fn serve(
         tracing::info!(acl_on, "console is read-only");
     }
     let console = Arc::new(Console { config, read_only });
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            () = &mut shutdown => return Ok(()),
-            p = slots.clone().acquire_owned() => p.expect("never closed"),
-        };
-        let stream = tokio::select! {
-            () = &mut shutdown => return Ok(()),
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(_) => { tokio::time::sleep(Duration::from_millis(100)).await; continue; }
-            },
-        };
+    raftmq_proto::metrics::accept_bounded(listener, MAX_CONNECTIONS, REQUEST_TIMEOUT, shutdown, move |stream| {
         let c = console.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, c.connection(stream)).await;
-        });
-    }
+        async move { c.connection(stream).await }
+    })
+    .await;
+    Ok(())
 }
 
 /// Whether the group behind `servers` checks ACL (from its configuration).
@@ -390,7 +376,7 @@ impl Console {
                     .map(|q| json!({"queue": q.queue_id, "min_offset": q.min_offset, "max_offset": q.max_offset, "messages": q.max_offset - q.min_offset}))
                     .collect();
                 let messages: u64 = t.queues.iter().map(|q| q.max_offset - q.min_offset).sum();
-                json!({"name": c.name, "queues": c.queues, "message_type": type_name(c.message_type), "messages": messages, "queue_offsets": queues})
+                json!({"name": c.name, "queues": c.queues, "message_type": crate::message_type_name(c.message_type), "messages": messages, "queue_offsets": queues})
             })
             .collect();
         Ok(json!({ "topics": v }))
@@ -527,15 +513,6 @@ impl Console {
 
 fn str_field<'a>(v: &'a Value, k: &str) -> anyhow::Result<&'a str> {
     v[k].as_str().filter(|s| !s.is_empty()).ok_or_else(|| anyhow::anyhow!("{k} is required"))
-}
-
-fn type_name(t: i32) -> &'static str {
-    match t {
-        2 => "FIFO",
-        3 => "DELAY",
-        4 => "TRANSACTION",
-        _ => "NORMAL",
-    }
 }
 
 /// A stored message for the page: body as text when it is UTF-8, and always

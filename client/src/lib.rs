@@ -82,6 +82,7 @@ pub use message::Delivery;
 pub use message::OutMessage;
 pub use message::Received;
 pub use message::SendReceipt;
+pub use message::message_type_name;
 pub use producer::Producer;
 pub use producer::ProducerOptions;
 pub use pull::PullConsumer;

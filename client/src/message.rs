@@ -229,6 +229,17 @@ pub(crate) fn received(m: pb::Message, endpoint: usize) -> Received {
     }
 }
 
+/// The name of a RocketMQ message type (1 NORMAL, 2 FIFO, 3 DELAY,
+/// 4 TRANSACTION), as the CLI and the console show it.
+pub fn message_type_name(t: i32) -> &'static str {
+    match t {
+        2 => "FIFO",
+        3 => "DELAY",
+        4 => "TRANSACTION",
+        _ => "NORMAL",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -135,25 +135,49 @@ where
     F: Fn() -> String + Send + Sync + 'static,
 {
     let render = Arc::new(render);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    accept_bounded(listener, MAX_CONNECTIONS, REQUEST_TIMEOUT * 2, shutdown, move |stream| {
+        let render = render.clone();
+        async move {
+            let _ = answer(stream, &*render).await;
+        }
+    })
+    .await;
+    Ok(())
+}
+
+/// Accepts connections on `listener` until `shutdown` resolves and hands
+/// each to `handle`: at most `max_connections` at once (more wait in the
+/// listen backlog), each given up after `timeout`. Shared by the metrics
+/// page and the console.
+pub async fn accept_bounded<H, Fut>(
+    listener: tokio::net::TcpListener,
+    max_connections: usize,
+    timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    handle: H,
+) where
+    H: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => return,
             p = slots.clone().acquire_owned() => p.expect("never closed"),
         };
         let (stream, _) = tokio::select! {
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => return,
             r = listener.accept() => match r {
                 Ok(c) => c,
                 // Out of descriptors and the like: try again shortly.
                 Err(_) => { tokio::time::sleep(Duration::from_millis(100)).await; continue; }
             },
         };
-        let render = render.clone();
+        let work = handle(stream);
         tokio::spawn(async move {
             let _permit = permit;
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT * 2, answer(stream, &*render)).await;
+            let _ = tokio::time::timeout(timeout, work).await;
         });
     }
 }

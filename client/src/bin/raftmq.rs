@@ -344,15 +344,6 @@ fn message_type(s: &str) -> anyhow::Result<i32> {
     })
 }
 
-fn type_name(t: i32) -> &'static str {
-    match t {
-        2 => "FIFO",
-        3 => "DELAY",
-        4 => "TRANSACTION",
-        _ => "NORMAL",
-    }
-}
-
 fn found_json(m: &FoundMessage) -> serde_json::Value {
     json!({"topic": m.topic, "broker": m.broker_name, "queue": m.queue_id, "offset": m.offset,
         "message_id": m.message_id, "tag": m.tag, "keys": m.keys, "properties": m.properties,
@@ -528,7 +519,7 @@ async fn main() -> anyhow::Result<()> {
                             .iter()
                             .map(|t| {
                                 let c = t.config.clone().unwrap_or_default();
-                                json!({"name": c.name, "queues": c.queues, "type": type_name(c.message_type),
+                                json!({"name": c.name, "queues": c.queues, "type": raftmq_client::message_type_name(c.message_type),
                                        "queue_max_offsets": t.queues.iter().map(|q| q.max_offset).collect::<Vec<_>>()})
                             })
                             .collect();
@@ -538,7 +529,13 @@ async fn main() -> anyhow::Result<()> {
                         for t in topics {
                             let c = t.config.unwrap_or_default();
                             let n: u64 = t.queues.iter().map(|q| q.max_offset - q.min_offset).sum();
-                            println!("{:<32} {:>6} {:<12} {:>12}", c.name, c.queues, type_name(c.message_type), n);
+                            println!(
+                                "{:<32} {:>6} {:<12} {:>12}",
+                                c.name,
+                                c.queues,
+                                raftmq_client::message_type_name(c.message_type),
+                                n
+                            );
                         }
                     }
                 }
