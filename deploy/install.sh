@@ -81,6 +81,12 @@ if [ ! -f "$DEST" ] || [ "$FORCE_CONFIG" = 1 ]; then
     else
         cp "$SRC" "$tmp"
     fi
+    # Checked before it replaces anything: a bad file never overwrites a good one.
+    if [ "$ROLE" = broker ]; then
+        /usr/local/bin/raftmq-broker --config "$tmp" --check || { rm -f "$tmp"; die "config refused"; }
+    else
+        /usr/local/bin/raftmq-namesrv --config "$tmp" --check || { rm -f "$tmp"; die "config refused"; }
+    fi
     install -m 0640 -g raftmq "$tmp" "$DEST"
     rm -f "$tmp"
     echo "install: config $DEST"

@@ -262,6 +262,9 @@ impl BrokerConfig {
         if self.transaction.check_interval_ms < 100 {
             return Err("transaction.check_interval_ms must be at least 100".into());
         }
+        if let Some(m) = &self.metrics_listen {
+            m.parse::<std::net::SocketAddr>().map_err(|e| format!("metrics_listen {m:?} is not ip:port: {e}"))?;
+        }
         crate::acl::Acl::new(&self.acl).map_err(|e| format!("acl: {e}"))?;
         self.log.validate().map_err(|e| format!("log: {e}"))?;
         Ok(())

@@ -655,9 +655,11 @@ impl BrokerNode {
             let target = {
                 let rx = self.raft.metrics();
                 let m = rx.borrow_watched();
+                let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
                 m.replication.as_ref().and_then(|r| {
                     r.iter()
-                        .filter(|(id, _)| **id != self.id())
+                        // A learner cannot win the election a transfer starts.
+                        .filter(|(id, _)| **id != self.id() && voters.contains(id))
                         .max_by_key(|(_, matched)| matched.map(|l| l.index))
                         .map(|(id, _)| *id)
                 })

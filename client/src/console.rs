@@ -89,7 +89,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(!config.servers.is_empty(), "the console needs at least one broker address");
-    let acl_on = acl_enabled(&config.servers).await;
+    // Fails closed: a group whose configuration cannot be read counts as
+    // having ACL on.
+    let acl_on = acl_enabled(&config.servers).await.unwrap_or(true);
     let read_only = config.read_only || (acl_on && config.admin_key.is_none());
     if read_only {
         tracing::info!(acl_on, "console is read-only");
@@ -103,15 +105,16 @@ pub async fn serve(
     Ok(())
 }
 
-/// Whether the group behind `servers` checks ACL (from its configuration).
-async fn acl_enabled(servers: &[String]) -> bool {
+/// Whether the group behind `servers` checks ACL (from its configuration);
+/// None when no node told.
+async fn acl_enabled(servers: &[String]) -> Option<bool> {
     for s in servers {
         let Ok(a) = Admin::connect(s) else { continue };
         if let Ok(Ok(toml)) = tokio::time::timeout(Duration::from_secs(3), a.get_config()).await {
-            return acl_on_in(&toml);
+            return Some(acl_on_in(&toml));
         }
     }
-    false
+    None
 }
 
 /// Whether a broker's configuration (as `config get` prints it) has
@@ -214,7 +217,7 @@ impl Console {
             Err(r) => r,
         };
         let head = format!(
-            "HTTP/1.1 {}\r\nContent-Type: {}; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 {}\r\nContent-Type: {}; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Frame-Options: DENY\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n",
             reply.status,
             reply.content_type,
             reply.body.len()
@@ -241,6 +244,11 @@ impl Console {
         let write = matches!(req.method.as_str(), "POST" | "DELETE");
         if write && let Err(r) = self.may_write(&req) {
             return r;
+        }
+        // A cross-site form or `text/plain` fetch cannot send JSON without a
+        // CORS preflight, which this server never answers.
+        if write && !req.headers.get("content-type").is_some_and(|c| c.starts_with("application/json")) {
+            return Reply::error("415 Unsupported Media Type", "write actions take application/json");
         }
         let body: Value = if req.body.is_empty() {
             Value::Null
@@ -561,7 +569,10 @@ mod tests {
         assert_eq!(keyed.route(request("POST", "/api/leader", None)).await.status, "401 Unauthorized");
         assert_eq!(keyed.route(request("POST", "/api/leader", Some("wrong"))).await.status, "401 Unauthorized");
         // The right key passes the guard; the body check answers next.
-        let r = keyed.route(request("POST", "/api/leader", Some("k"))).await;
+        assert_eq!(keyed.route(request("POST", "/api/leader", Some("k"))).await.status, "415 Unsupported Media Type");
+        let mut json_req = request("POST", "/api/leader", Some("k"));
+        json_req.headers.insert("content-type".into(), "application/json".into());
+        let r = keyed.route(json_req).await;
         assert_eq!(r.status, "502 Bad Gateway", "{}", r.body);
         assert!(r.body.contains("node_id"), "{}", r.body);
         // Pages and reads need no key.

@@ -61,8 +61,10 @@ kill_recorded() {
     [ -f "$PIDS" ] || return 0
     local p
     for p in $(cat "$PIDS"); do
-        pkill -9 -P "$p" 2>/dev/null
-        if grep -qa -e systemd -e unshare "/proc/$p/cmdline" 2>/dev/null; then kill -9 "$p" 2>/dev/null; fi
+        # Only a PID that is still one of ours (PIDs are reused).
+        grep -qa -e systemd -e unshare "/proc/$p/cmdline" 2>/dev/null || continue
+        pkill -9 -P "$p" 2>/dev/null || true
+        kill -9 "$p" 2>/dev/null || true
     done
     sleep 0.5
     rm -f "$PIDS"
@@ -83,7 +85,10 @@ cleanup() {
         ip netns del "rmqsd-$h" 2>/dev/null
     done
     ip netns del "$SW" 2>/dev/null
-    pkill -f "raftmq send roll" 2>/dev/null
+    if [ -n "${producer:-}" ]; then
+        touch "$RUN/roll/stop" 2>/dev/null
+        kill "$producer" 2>/dev/null
+    fi
     rm -rf "$RUN"
     if [ $rc -eq 0 ]; then log "cleaned up"; else log "cleaned up after failure (exit $rc)"; fi
     exit $rc

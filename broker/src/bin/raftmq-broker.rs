@@ -101,9 +101,17 @@ async fn run(path: PathBuf, config: BrokerConfig) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                notify(&[NotifyState::Reloading, NotifyState::Status("reloading the configuration")]);
+                // systemd 253+ needs MONOTONIC_USEC with RELOADING.
+                match NotifyState::monotonic_usec_now() {
+                    Ok(now) => notify(&[NotifyState::Reloading, now, NotifyState::Status("reloading the configuration")]),
+                    Err(_) => notify(&[NotifyState::Reloading, NotifyState::Status("reloading the configuration")]),
+                }
                 reload(&path, &node);
-                notify(&[NotifyState::Ready, NotifyState::Status(&serving_status(&node))]);
+                // READY only once the node has joined (a reload before that
+                // must not report the unit started).
+                if ready {
+                    notify(&[NotifyState::Ready, NotifyState::Status(&serving_status(&node))]);
+                }
             }
             _ = waiting.tick(), if !ready => {
                 if node.leader_id().is_some() {

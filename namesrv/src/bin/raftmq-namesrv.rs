@@ -82,7 +82,10 @@ async fn main() -> anyhow::Result<()> {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = hup.recv() => {
-                    notify(&[NotifyState::Reloading]);
+                    match NotifyState::monotonic_usec_now() {
+                        Ok(now) => notify(&[NotifyState::Reloading, now]),
+                        Err(_) => notify(&[NotifyState::Reloading]),
+                    }
                     match read_config(args.config.as_deref(), args.listen.as_deref()) {
                         Ok(new) => {
                             s.apply(&new);
