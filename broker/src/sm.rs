@@ -172,6 +172,8 @@ pub struct StateMachineStore {
 
 const K_APPLIED: &[u8] = b"m/applied";
 const K_MEMBERSHIP: &[u8] = b"m/membership";
+/// Present once every id-index row has its dedupe row (`u/`).
+const K_UNIQUE_BUILT: &[u8] = b"m/unique-rows";
 
 fn k_topic(name: &str) -> Vec<u8> {
     format!("t/{name}").into_bytes()
@@ -231,12 +233,85 @@ fn max_attempts_of(conf: Option<&GroupConf>, default: u32) -> u32 {
 
 /// Index rows of a message in its queue: by key (`k/<topic>\0<key>\0`) and
 /// by id (`k/\x01<id>\0<topic>\0`), each ending with queue and offset.
-fn index_message(keys: &mut rocksdb::WriteBatch, topic: &str, queue: u32, offset: u64, m: &StoredMessage) {
+/// With `unique`, also the message's dedupe row (`u/<topic>\0<id>`, see
+/// [`k_unique`]): the caller has checked that no valid one exists.
+fn index_message(
+    keys: &mut rocksdb::WriteBatch,
+    topic: &str,
+    queue: u32,
+    offset: u64,
+    m: &StoredMessage,
+    unique: bool,
+) {
     for k in &m.keys {
         keys.put(k_key_index(topic, k, queue, offset), b"");
     }
     if !m.message_id.is_empty() {
         keys.put(k_id_index(&m.message_id, topic, queue, offset), b"");
+        if unique {
+            keys.put(k_unique(topic, &m.message_id), queue_offset_bytes(queue, offset));
+        }
+    }
+}
+
+/// The dedupe row of a message id in a topic: one exact key, so a send is
+/// checked with a point lookup (bloom filters answer the usual "new id"
+/// without touching the memtable's skip list or an SST block). Its value is
+/// the (queue, offset) of the first copy stored; it is only replaced when
+/// that copy is not valid (it points past its queue's end: written before a
+/// crash by entries that are being applied again). Not in snapshots: a node
+/// installing one rebuilds these rows from the id index
+/// ([`UniqueRows`]).
+fn k_unique(topic: &str, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + topic.len() + id.len());
+    k.extend_from_slice(b"u/");
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn queue_offset_bytes(queue: u32, offset: u64) -> [u8; 12] {
+    let mut v = [0u8; 12];
+    v[..4].copy_from_slice(&queue.to_be_bytes());
+    v[4..].copy_from_slice(&offset.to_be_bytes());
+    v
+}
+
+/// (id, topic, queue, offset) of an id-index row `k/\x01<id>\0<topic>\0<queue><offset>`.
+/// Topic names have no NUL (see [`check_name`]), so the topic is what
+/// follows the last NUL before the trailing one, whatever the id holds.
+fn parse_id_row(row: &[u8]) -> Option<(&[u8], &[u8], u32, u64)> {
+    let rest = row.strip_prefix(b"k/\x01")?;
+    let (head, qo) = rest.split_at_checked(rest.len().checked_sub(12)?)?;
+    let (q, o) = queue_offset(qo)?;
+    let head = head.strip_suffix(b"\0")?;
+    let zero = head.iter().rposition(|b| *b == 0)?;
+    Some((&head[..zero], &head[zero + 1..], q, o))
+}
+
+/// Builds the dedupe rows from id-index rows given in key order: rows of
+/// one id and topic are adjacent, and the first (lowest queue and offset)
+/// gets the row. Used for a snapshot's rows (all valid) and for the
+/// one-time build in a store written before dedupe rows existed.
+#[derive(Default)]
+struct UniqueRows {
+    last: Vec<u8>,
+    count: u64,
+}
+
+impl UniqueRows {
+    fn push(&mut self, batch: &mut rocksdb::WriteBatch, row: &[u8]) {
+        let Some((id, topic, q, o)) = parse_id_row(row) else { return };
+        let prefix = &row[..row.len() - 12];
+        if prefix == self.last.as_slice() {
+            return;
+        }
+        self.last.clear();
+        self.last.extend_from_slice(prefix);
+        let (Ok(topic), Ok(id)) = (std::str::from_utf8(topic), std::str::from_utf8(id)) else { return };
+        batch.put(k_unique(topic, id), queue_offset_bytes(q, o));
+        self.count += 1;
     }
 }
 
@@ -274,7 +349,30 @@ impl StateMachineStore {
         std::fs::create_dir_all(dir)?;
         let mut opts = rocksdb::Options::default();
         opts.create_if_missing(true);
+        // Bloom filters, in SST files and in the memtable, for the dedupe
+        // lookup of every sent message (an exact key that is usually absent).
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        opts.set_block_based_table_factory(&table);
+        opts.set_memtable_prefix_bloom_ratio(0.05);
+        opts.set_memtable_whole_key_filtering(true);
         let db = rocksdb::DB::open(&opts, dir.join("db"))?;
+        if db.get(K_UNIQUE_BUILT)?.is_none() {
+            let mut batch = rocksdb::WriteBatch::default();
+            let mut unique = UniqueRows::default();
+            for item in rows(&db, b"k/\x01") {
+                let (k, _) = item?;
+                unique.push(&mut batch, &k);
+                if batch.len() >= 10_000 {
+                    db.write(std::mem::take(&mut batch))?;
+                }
+            }
+            batch.put(K_UNIQUE_BUILT, b"1");
+            db.write(batch)?;
+            if unique.count > 0 {
+                tracing::info!(rows = unique.count, "dedupe rows built for a store written before they existed");
+            }
+        }
         let cq_root = dir.join("cq");
         let mut st = SmState::default();
         if let Some(b) = db.get(K_APPLIED)? {
@@ -696,10 +794,12 @@ impl SmShared {
         clear.delete_range(b"\x00".to_vec(), b"\xff".to_vec());
         self.db.write_opt(clear, &wo).map_err(io::Error::other)?;
         let mut batch = rocksdb::WriteBatch::default();
+        let mut unique = UniqueRows::default();
         let rows = snapshot::for_each_key(sm_dir, |row| {
             if !row.starts_with(b"k/") {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "a key-index row without its prefix"));
             }
+            unique.push(&mut batch, &row);
             batch.put(row, b"");
             if batch.len() >= 10_000 {
                 self.db.write(std::mem::take(&mut batch)).map_err(io::Error::other)?;
@@ -723,6 +823,7 @@ impl SmShared {
             held.load_row(k, v).map_err(io::Error::other)?;
             batch.put(k, v);
         }
+        batch.put(K_UNIQUE_BUILT, b"1");
         batch.put(K_APPLIED, enc(&state.last_applied));
         batch.put(K_MEMBERSHIP, enc(&state.membership));
         self.db.write_opt(batch, &wo).map_err(io::Error::other)?;
@@ -857,29 +958,45 @@ impl SmShared {
             };
             parsed.push((record, m));
         }
+        // Every message is checked against the state before this batch (two
+        // copies inside one batch are both stored, as a retry never shares
+        // a batch with its original): one multi-get for the whole batch.
+        let checked: Vec<(usize, &StoredMessage)> = parsed
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, m))| command::placement(m) == Placement::Queue && !m.message_id.is_empty())
+            .map(|(slot, (_, m))| (slot, m))
+            .collect();
+        let found = self.db.multi_get(checked.iter().map(|(_, m)| k_unique(&batch.topic, &m.message_id)));
         let mut duplicates = Vec::new();
-        for (slot, (_, m)) in parsed.iter().enumerate() {
-            if command::placement(m) == Placement::Queue
-                && let Some((q, o)) = self.stored_copy(st, &batch.topic, &m.message_id)?
+        for ((slot, _), row) in checked.iter().zip(found) {
+            if let Some((q, o)) = row?.as_deref().and_then(queue_offset)
+                && Self::is_stored(st, &batch.topic, q, o)
             {
-                duplicates.push((slot as u32, q, o));
+                duplicates.push((*slot as u32, q, o));
             }
         }
         let q = st.queues.get_mut(&key).expect("checked");
         let first_offset = q.max_offset();
-        let mut count = 0u32;
+        let mut records = Vec::with_capacity(parsed.len());
+        let mut ids_here: HashSet<&str> = HashSet::with_capacity(parsed.len());
         let mut held = Vec::new();
         for (slot, (record, m)) in parsed.iter().enumerate() {
             match command::placement(m) {
                 Placement::Queue if duplicates.iter().any(|d| d.0 == slot as u32) => {}
                 Placement::Queue => {
-                    q.append(std::slice::from_ref(record))?;
-                    index_message(keys, &batch.topic, batch.queue, first_offset + u64::from(count), m);
-                    count += 1;
+                    let offset = first_offset + records.len() as u64;
+                    // The first copy of an id in this batch gets its dedupe row.
+                    let first_here = ids_here.insert(&m.message_id);
+                    index_message(keys, &batch.topic, batch.queue, offset, m, first_here);
+                    records.push(*record);
                 }
                 p => held.push((slot as u32, p, record, m)),
             }
         }
+        // One write for the batch's records (they are consecutive offsets).
+        q.append(&records)?;
+        let count = records.len() as u32;
         for (slot, p, r, m) in held {
             let id = TxId { index, slot };
             let msg = HeldMessage {
@@ -901,24 +1018,23 @@ impl SmShared {
         Ok(Response::Sent { queue: batch.queue, first_offset, count, duplicates })
     }
 
-    /// Where a message with this id is already in a ConsumeQueue of the
-    /// topic. Index rows pointing past a queue's current end are ignored:
-    /// they were written before a crash by the very entries being applied
-    /// again now (rows go to RocksDB at apply, the queue lengths at the
-    /// checkpoint), so replay decides exactly as the first apply did.
+    /// Whether (queue, offset) of a topic is a stored message: dedupe rows
+    /// pointing past a queue's current end are ignored: they were written
+    /// before a crash by the very entries being applied again now (rows go
+    /// to RocksDB at apply, the queue lengths at the checkpoint), so replay
+    /// decides exactly as the first apply did.
+    fn is_stored(st: &SmState, topic: &str, queue: u32, offset: u64) -> bool {
+        st.queues.get(&(topic.to_string(), queue)).is_some_and(|c| offset < c.max_offset())
+    }
+
+    /// Where a message with this id is already stored in a ConsumeQueue of
+    /// the topic (see [`k_unique`]).
     fn stored_copy(&self, st: &SmState, topic: &str, id: &str) -> Result<Option<(u32, u64)>> {
         if id.is_empty() {
             return Ok(None);
         }
-        let prefix = format!("k/\x01{id}\0{topic}\0");
-        for rest in self.index_rows(prefix.as_bytes(), 16)? {
-            if let Some((q, o)) = queue_offset(&rest)
-                && st.queues.get(&(topic.to_string(), q)).is_some_and(|c| o < c.max_offset())
-            {
-                return Ok(Some((q, o)));
-            }
-        }
-        Ok(None)
+        let row = self.db.get(k_unique(topic, id))?;
+        Ok(row.as_deref().and_then(queue_offset).filter(|(q, o)| Self::is_stored(st, topic, *q, *o)))
     }
 
     /// Appends a held message to its ConsumeQueue (dropped when its topic
@@ -932,7 +1048,8 @@ impl SmShared {
         let offset = q.max_offset();
         q.append(&[CqRecord { pos: m.pos, size: m.size, tag_hash: m.tag_hash }])?;
         if let Some(stored) = self.stored_at(m.pos, m.size) {
-            index_message(keys, &m.topic, m.queue, offset, &stored);
+            let unique = self.stored_copy(st, &m.topic, &stored.message_id)?.is_none();
+            index_message(keys, &m.topic, m.queue, offset, &stored, unique);
         }
         st.dirty_queues.insert(key);
         st.messages_applied += 1;
