@@ -95,6 +95,9 @@ impl Producer {
     /// producer of the process.
     fn message_id(&self) -> String {
         static SEQ: AtomicU64 = AtomicU64::new(0);
+        // getpid is a system call per message otherwise (glibc stopped caching it).
+        static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        let pid = *PID.get_or_init(std::process::id);
         let host =
             self.host.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
@@ -102,7 +105,7 @@ impl Producer {
             "{:012X}{:08X}{:06X}{:06X}",
             now_ms() as u64 & 0xFFFF_FFFF_FFFF,
             host as u32,
-            std::process::id() & 0xFF_FFFF,
+            pid & 0xFF_FFFF,
             seq & 0xFF_FFFF
         )
     }
