@@ -7,6 +7,9 @@ const $ = (sel, root = document) => root.querySelector(sel);
 const page = $("#page");
 let mode = { read_only: true, needs_key: false };
 let timer = null;
+// Bumped by every navigation: a view still loading when the user moves on
+// sees a newer number and neither draws nor starts its refresh timer.
+let navigation = 0;
 // Per group: the last counters seen and a rolling window of rates.
 const rates = {};
 const WINDOW = 60;
@@ -105,11 +108,42 @@ function clusterView(data) {
   return ns + groups.join("");
 }
 
+// The add-node forms' typed values (and which field has focus), so the
+// refresh does not wipe what an operator is typing.
+function saveForms() {
+  const saved = {};
+  page.querySelectorAll("section[data-group] form.add-node input").forEach((i) => {
+    const g = i.closest("section").dataset.group;
+    saved[`${g}\u0000${i.name}`] = { value: i.value, focus: document.activeElement === i, start: i.selectionStart, end: i.selectionEnd };
+  });
+  return saved;
+}
+
+function restoreForms(saved) {
+  page.querySelectorAll("section[data-group] form.add-node input").forEach((i) => {
+    const s = saved[`${i.closest("section").dataset.group}\u0000${i.name}`];
+    if (!s) return;
+    i.value = s.value;
+    if (s.focus) {
+      i.focus();
+      try {
+        i.setSelectionRange(s.start, s.end);
+      } catch (_) {
+        // number inputs have no selection
+      }
+    }
+  });
+}
+
 async function showCluster() {
+  const mine = navigation;
   const render = async () => {
     try {
       const data = await api("GET", "/api/cluster");
+      if (mine !== navigation) return;
+      const saved = saveForms();
       page.innerHTML = clusterView(data);
+      restoreForms(saved);
       page.querySelectorAll("button.transfer").forEach((b) =>
         b.addEventListener("click", () => act(`Hand leadership to node ${b.dataset.node}?`, "POST", "/api/leader", { node_id: Number(b.dataset.node) }, render)));
       page.querySelectorAll("button.remove").forEach((b) =>
@@ -125,7 +159,7 @@ async function showCluster() {
     }
   };
   await render();
-  timer = setInterval(render, 2000);
+  if (mine === navigation) timer = setInterval(render, 2000);
 }
 
 // ----------------------------------------------------------------- topics --
@@ -246,6 +280,7 @@ async function showMessages() {
 // ------------------------------------------------------------------ router --
 
 async function route() {
+  navigation += 1;
   clearInterval(timer);
   banner("");
   const [view, arg] = (location.hash.slice(1) || "cluster").split("/");

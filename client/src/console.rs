@@ -46,6 +46,10 @@ pub struct ConsoleConfig {
     pub admin_key: Option<String>,
     /// No write actions at all.
     pub read_only: bool,
+    /// Host names (besides IP addresses and `localhost`) the console
+    /// answers to in the `Host` header; any other name is refused, so a web
+    /// page whose DNS name is rebound to this address cannot use it.
+    pub allowed_hosts: Vec<String>,
 }
 
 struct Console {
@@ -239,7 +243,36 @@ impl Console {
         Ok(())
     }
 
+    /// Whether the request names this console in its `Host` header: an IP
+    /// address, `localhost`, or a name given with `--allow-host`. A DNS
+    /// rebinding page (evil.example resolving to 127.0.0.1) sends its own
+    /// name and is refused.
+    fn host_allowed(&self, req: &HttpRequest) -> Result<(), Reply> {
+        let Some(host) = req.headers.get("host") else {
+            return Err(Reply::error("400 Bad Request", "the request has no Host header"));
+        };
+        let name = match host.strip_prefix('[') {
+            // [v6]:port
+            Some(rest) => rest.split(']').next().unwrap_or_default(),
+            None => host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h),
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if name.parse::<std::net::IpAddr>().is_ok()
+            || name == "localhost"
+            || self.config.allowed_hosts.iter().any(|a| a.eq_ignore_ascii_case(&name))
+        {
+            return Ok(());
+        }
+        Err(Reply::error(
+            "421 Misdirected Request",
+            format!("host {name:?} is not allowed; start the console with --allow-host {name} to serve it"),
+        ))
+    }
+
     async fn route(&self, req: HttpRequest) -> Reply {
+        if let Err(r) = self.host_allowed(&req) {
+            return r;
+        }
         let segs: Vec<&str> = req.path.trim_matches('/').split('/').collect();
         let write = matches!(req.method.as_str(), "POST" | "DELETE");
         if write && let Err(r) = self.may_write(&req) {
@@ -548,12 +581,14 @@ mod tests {
             namesrv: "127.0.0.1:1".into(),
             admin_key: admin_key.map(str::to_string),
             read_only,
+            allowed_hosts: vec!["console.internal".into()],
         };
         Console { config, read_only }
     }
 
     fn request(method: &str, path: &str, key: Option<&str>) -> HttpRequest {
         let mut headers = BTreeMap::new();
+        headers.insert("host".to_string(), "127.0.0.1:8088".to_string());
         if let Some(k) = key {
             headers.insert("x-admin-key".to_string(), k.to_string());
         }
@@ -581,6 +616,28 @@ mod tests {
         assert!(ro.route(request("GET", "/api/mode", None)).await.body.contains("\"read_only\":true"));
         assert_eq!(ro.route(request("GET", "/nope", None)).await.status, "404 Not Found");
         assert_eq!(ro.route(request("PUT", "/api/topics", None)).await.status, "405 Method Not Allowed");
+    }
+
+    #[tokio::test]
+    async fn only_addresses_localhost_and_allowed_names_are_served() {
+        let c = console(true, None);
+        let with_host = |host: Option<&str>| {
+            let mut r = request("GET", "/api/mode", None);
+            r.headers.remove("host");
+            if let Some(h) = host {
+                r.headers.insert("host".into(), h.into());
+            }
+            r
+        };
+        for ok in ["127.0.0.1:8088", "10.1.2.3", "[::1]:8088", "localhost:8088", "Console.Internal:80", "console.internal."]
+        {
+            assert_eq!(c.route(with_host(Some(ok))).await.status, "200 OK", "{ok}");
+        }
+        // A rebound name: the attacker's page, now resolving to this address.
+        let r = c.route(with_host(Some("evil.example:8088"))).await;
+        assert_eq!(r.status, "421 Misdirected Request");
+        assert!(r.body.contains("--allow-host evil.example"), "{}", r.body);
+        assert_eq!(c.route(with_host(None)).await.status, "400 Bad Request");
     }
 
     #[test]

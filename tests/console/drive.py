@@ -1,5 +1,6 @@
 """Drives the RaftMQ web console in headless Chromium (Playwright, with
-Debian's chromium): the cluster page, a topic create, a leadership transfer,
+Debian's chromium): the cluster page, a typed form surviving its refresh,
+navigation away from a loading page, a topic create, a leadership transfer,
 and screenshots of the main pages. Prints one JSON line with what it saw.
 
     drive.py URL OUT_DIR
@@ -45,6 +46,19 @@ with sync_playwright() as p:
     # Let the live chart collect a few points.
     time.sleep(4.5)
     page.screenshot(path=f"{out}/cluster.png", full_page=True)
+    # What an operator types into the add-node form outlives the refresh.
+    page.fill("form.add-node input[name=address]", "10.9.9.9:8081")
+    time.sleep(4.5)
+    form_kept = page.input_value("form.add-node input[name=address]")
+    page.fill("form.add-node input[name=address]", "")
+    # Leaving the cluster page while it loads: its refresh must not start
+    # and draw over the page navigated to.
+    page.click("#nav-groups")
+    page.click("#nav-cluster")
+    page.click("#nav-topics")
+    page.wait_for_selector("#topic-form")
+    time.sleep(4.5)
+    stayed = page.query_selector("#topic-form") is not None and page.query_selector(".leader-name") is None
 
     page.click("#nav-topics")
     page.wait_for_selector("#topic-form")
@@ -70,4 +84,5 @@ with sync_playwright() as p:
     page.screenshot(path=f"{out}/cluster-after-transfer.png", full_page=True)
     browser.close()
 
-print(json.dumps({"leader_before": before, "leader_after": after, "asked": target, "topic_queues": queues, "nodes": nodes}))
+print(json.dumps({"leader_before": before, "leader_after": after, "asked": target, "topic_queues": queues, "nodes": nodes,
+                  "form_kept": form_kept, "navigation_stayed": stayed}))

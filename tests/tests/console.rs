@@ -111,6 +111,8 @@ fn the_console_shows_the_cluster_creates_a_topic_and_follows_a_leader_transfer()
     assert_ne!(seen["leader_after"], seen["leader_before"], "the page follows the transfer");
     assert_eq!(seen["leader_after"], seen["asked"], "leadership went to the node the button named");
     assert_eq!(seen["topic_queues"], "4");
+    assert_eq!(seen["form_kept"], "10.9.9.9:8081", "the 2 s refresh keeps what is typed in the add-node form");
+    assert_eq!(seen["navigation_stayed"], true, "a page left while loading does not draw over the next one");
 
     runtime().block_on(async {
         let (now, admin) = wait_for_leader(&c, Duration::from_secs(10)).await;

@@ -153,6 +153,11 @@ enum Cmd {
         /// No write actions.
         #[arg(long)]
         read_only: bool,
+        /// A host name the console may be reached by (repeatable). IP
+        /// addresses and `localhost` always work; other names in the Host
+        /// header are refused (DNS rebinding).
+        #[arg(long = "allow-host")]
+        allow_host: Vec<String>,
     },
 }
 
@@ -572,13 +577,14 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Console { listen, admin_key, read_only } => {
+        Cmd::Console { listen, admin_key, read_only, allow_host } => {
             let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("listen {listen}"))?;
             let config = raftmq_client::console::ConsoleConfig {
                 servers: cli.server.clone(),
                 namesrv: cli.namesrv.clone(),
                 admin_key,
                 read_only,
+                allowed_hosts: allow_host,
             };
             println!("console at http://{}/", listener.local_addr()?);
             raftmq_client::console::serve(listener, config, async {
