@@ -428,9 +428,7 @@ impl AdminService for Admin {
 
     async fn update_config(&self, req: Request<pb::UpdateConfigRequest>) -> Result<Response<pb::AdminReply>, Status> {
         let req = req.into_inner();
-        let new = self.node.effective_config().with_setting(&req.key, &req.value).map_err(Status::invalid_argument)?;
-        let restart = self.node.reload(&new).map_err(Status::invalid_argument)?;
-        debug_assert!(restart.is_empty(), "with_setting changes run-time keys only");
+        self.node.update_setting(&req.key, &req.value).map_err(Status::invalid_argument)?;
         tracing::info!(key = %req.key, value = %req.value, "setting changed through the admin API");
         Ok(Response::new(pb::AdminReply {
             message: format!(

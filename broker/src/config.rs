@@ -256,6 +256,19 @@ impl BrokerConfig {
                 self.limits.max_body_bytes, self.log.max_entry_bytes
             ));
         }
+        // Zero would refuse every send, return nothing from every receive,
+        // or expire every push consumer at once: a typo, not a setting.
+        for (key, value) in [
+            ("limits.max_batch_messages", u64::from(self.limits.max_batch_messages)),
+            ("limits.max_receive_batch", u64::from(self.limits.max_receive_batch)),
+            ("limits.default_invisible_ms", self.limits.default_invisible_ms),
+            ("consumer.client_expire_ms", self.consumer.client_expire_ms),
+            ("consumer.max_renewing", self.consumer.max_renewing as u64),
+        ] {
+            if value == 0 {
+                return Err(format!("{key} must be positive"));
+            }
+        }
         if !(0.0..=1.0).contains(&self.follower_read.lag_memory_ratio) {
             return Err("follower_read.lag_memory_ratio must be in [0, 1]".into());
         }
@@ -448,6 +461,22 @@ data_dir = "/tmp/x"
         assert!(e.contains("reuses"), "{e}");
         let two = OK.replace("3 = \"127.0.0.1:8083\"\n", "");
         assert!(BrokerConfig::from_toml(&two).unwrap_err().contains("1, 3 or 5"));
+    }
+
+    #[test]
+    fn zero_counts_and_durations_are_errors() {
+        for (table, key) in [
+            ("limits", "max_batch_messages"),
+            ("limits", "max_receive_batch"),
+            ("limits", "default_invisible_ms"),
+            ("consumer", "client_expire_ms"),
+            ("consumer", "max_renewing"),
+        ] {
+            let e = BrokerConfig::from_toml(&format!("{OK}\n[{table}]\n{key} = 0\n")).unwrap_err();
+            assert!(e.contains(&format!("{table}.{key} must be positive")), "{e}");
+            let ok = BrokerConfig::from_toml(&OK).unwrap();
+            assert!(ok.with_setting(&format!("{table}.{key}"), "0").is_err(), "config update refuses it too");
+        }
     }
 
     #[test]

@@ -370,7 +370,12 @@ impl BrokerNode {
     /// The configuration in effect: the one the node started with, with the
     /// settings reloaded since.
     pub fn effective_config(&self) -> BrokerConfig {
-        let r = self.settings().source.clone();
+        self.config_with(&self.settings())
+    }
+
+    /// The start configuration with the run-time settings of `s`.
+    fn config_with(&self, s: &Settings) -> BrokerConfig {
+        let r = s.source.clone();
         BrokerConfig {
             limits: r.limits,
             follower_read: r.follower_read,
@@ -389,6 +394,19 @@ impl BrokerNode {
         let settings = Settings::new(new.reloadable())?;
         *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
         Ok(self.config.restart_only_changes(new))
+    }
+
+    /// Changes one run-time setting (`section.key`, admin `config update`)
+    /// in memory. The read of the current settings and the write of the new
+    /// ones happen under one lock, so concurrent updates (and a SIGHUP
+    /// reload) never undo one another.
+    pub fn update_setting(&self, key: &str, value: &str) -> std::result::Result<(), String> {
+        let mut current = self.settings.write().unwrap_or_else(|e| e.into_inner());
+        let new = self.config_with(&current).with_setting(key, value)?;
+        new.validate()?;
+        debug_assert!(self.config.restart_only_changes(&new).is_empty(), "with_setting changes run-time keys only");
+        *current = Arc::new(Settings::new(new.reloadable())?);
+        Ok(())
     }
 
     pub fn uptime(&self) -> Duration {
