@@ -8,14 +8,16 @@
 # It installs raftmq-broker, raftmq-namesrv and the raftmq CLI into
 # /usr/local/bin, creates the system user `raftmq`, /etc/raftmq and
 # /var/lib/raftmq, installs the units into /etc/systemd/system and the config
-# (the example in deploy/config unless --config; with node_id set to N for a
-# broker), checks the config with `--check`, then enables and starts the unit.
-# An existing config is kept unless --force-config. Needs root. Idempotent.
+# (the example in deploy/config unless --config; for a broker with node_id
+# set to N, and the example's broker_name and data_dir set to the group's,
+# /var/lib/raftmq/<group>; a --config file must name the group), checks the
+# config with `--check`, then enables and starts the unit. An existing
+# config is kept unless --force-config. Needs root. Idempotent.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 
 die() { echo "install: $*" >&2; exit 1; }
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 ROLE="${1:-}"; [ -n "$ROLE" ] || usage; shift
 NODE_ID="" GROUP="broker-a" CONFIG="" BIN_DIR="" FORCE_CONFIG=0 START=1
@@ -77,7 +79,20 @@ if [ ! -f "$DEST" ] || [ "$FORCE_CONFIG" = 1 ]; then
     tmp="$(mktemp)"
     if [ "$ROLE" = broker ]; then
         grep -q '^node_id = ' "$SRC" || die "$SRC has no 'node_id = ' line to set"
-        sed "s/^node_id = .*/node_id = $NODE_ID/" "$SRC" > "$tmp"
+        if [ -z "$CONFIG" ]; then
+            # The example: it becomes this group's (its name, its own data
+            # directory, so two groups on one host never share one).
+            sed -e "s/^node_id = .*/node_id = $NODE_ID/" \
+                -e "s/^broker_name = .*/broker_name = \"$GROUP\"/" \
+                -e "s|^data_dir = \"/var/lib/raftmq/broker\"|data_dir = \"/var/lib/raftmq/$GROUP\"|" \
+                "$SRC" > "$tmp"
+        else
+            # An operator's own file names its group; it must be this one
+            # (the unit raftmq-broker@$GROUP reads /etc/raftmq/$GROUP.toml).
+            grep -q "^broker_name = \"$GROUP\"" "$SRC" \
+                || die "$SRC does not say broker_name = \"$GROUP\" (give --group with its group name)"
+            sed "s/^node_id = .*/node_id = $NODE_ID/" "$SRC" > "$tmp"
+        fi
     else
         cp "$SRC" "$tmp"
     fi
