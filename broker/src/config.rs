@@ -474,7 +474,7 @@ data_dir = "/tmp/x"
         ] {
             let e = BrokerConfig::from_toml(&format!("{OK}\n[{table}]\n{key} = 0\n")).unwrap_err();
             assert!(e.contains(&format!("{table}.{key} must be positive")), "{e}");
-            let ok = BrokerConfig::from_toml(&OK).unwrap();
+            let ok = BrokerConfig::from_toml(OK).unwrap();
             assert!(ok.with_setting(&format!("{table}.{key}"), "0").is_err(), "config update refuses it too");
         }
     }

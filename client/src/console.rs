@@ -629,7 +629,8 @@ mod tests {
             }
             r
         };
-        for ok in ["127.0.0.1:8088", "10.1.2.3", "[::1]:8088", "localhost:8088", "Console.Internal:80", "console.internal."]
+        for ok in
+            ["127.0.0.1:8088", "10.1.2.3", "[::1]:8088", "localhost:8088", "Console.Internal:80", "console.internal."]
         {
             assert_eq!(c.route(with_host(Some(ok))).await.status, "200 OK", "{ok}");
         }
