@@ -236,7 +236,15 @@ fn follower_reads_serve_consumers_of_a_loaded_leader() {
         let nodes = admin.cluster_status().await.unwrap();
         let follower_reads: u64 = nodes.iter().filter(|n| n.node_id != leader).map(|n| n.follower_reads_served).sum();
         println!("follower reads served: {follower_reads}");
-        assert!(follower_reads > 0, "no read was served by a follower: {nodes:?}");
+        if follower_reads == 0 {
+            // Seen once under a parallel CI run: the node the test took for
+            // the leader served the reads itself. Keep what explains it.
+            c.dump_logs();
+        }
+        assert!(
+            follower_reads > 0,
+            "no read was served by a follower (leader taken: node {leader} at {leader_addr}): {nodes:?}"
+        );
         for n in &nodes {
             assert!(n.applied_index <= n.commit_index, "node {} applied past its commit index", n.node_id);
         }
