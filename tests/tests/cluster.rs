@@ -22,16 +22,29 @@ pub(crate) fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Waits until some node reports a leader that every reachable node agrees on.
+/// The group's leader, once every node that answers names it. A node
+/// reporting itself leader is not enough: with openraft's advanced leader
+/// ids (term, node id), a second candidate of the same term can still take
+/// over right after the first one won at startup (seen in a parallel CI
+/// run: node 2 led term 1, then node 3 did).
 pub(crate) async fn wait_for_leader(c: &Cluster, within: Duration) -> (u64, Admin) {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
+        let mut leader = None;
+        let mut named = Vec::new();
         for (_, addr) in &c.nodes {
             let Ok(a) = Admin::connect(addr) else { continue };
-            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), a.node_status()).await
-                && s.role == "leader"
-            {
-                return (s.node_id, a);
+            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), a.node_status()).await {
+                named.push(s.leader_id);
+                if s.role == "leader" {
+                    leader = Some((s.node_id, a));
+                }
             }
+        }
+        if let Some((id, a)) = leader
+            && named.iter().all(|l| *l == Some(id))
+        {
+            return (id, a);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
