@@ -321,15 +321,7 @@ impl AdminService for Admin {
             for r in sm.read_messages(&topic, queue, &[offset]).map_err(|e| e.to_status())? {
                 let mut found = self.found(&r, None);
                 if !req.group.is_empty() {
-                    let st = sm.read();
-                    let g = st.groups.get(&(req.group.clone(), topic.clone(), queue));
-                    (found.group_state, found.attempts) = match g {
-                        Some(g) if g.inflight.contains_key(&offset) => {
-                            ("in flight".into(), g.inflight[&offset].attempt)
-                        }
-                        Some(g) if offset < g.pop_offset => ("consumed".into(), 0),
-                        _ => ("not delivered".into(), 0),
-                    };
+                    (found.group_state, found.attempts) = sm.delivery_state(&req.group, &topic, queue, offset);
                 }
                 messages.push(found);
             }

@@ -586,6 +586,35 @@ impl SmShared {
             .min()
     }
 
+    /// What a consumer group has done with the message at `offset` of a
+    /// queue, as the admin query shows it, and its delivery attempts.
+    pub fn delivery_state(&self, group: &str, topic: &str, queue: u32, offset: u64) -> (String, u32) {
+        let st = self.read();
+        let Some(g) = st.groups.get(&(group.to_string(), topic.to_string(), queue)) else {
+            return ("not delivered".into(), 0);
+        };
+        if let Some(i) = g.inflight.get(&offset) {
+            return ("in flight".into(), i.attempt);
+        }
+        if g.held.contains(&offset) {
+            return ("held (FIFO: an earlier message of its message group is in flight)".into(), 0);
+        }
+        if offset >= g.pop_offset {
+            return ("not delivered".into(), 0);
+        }
+        let dead = st
+            .held
+            .dead
+            .range((group.to_string(), 0)..=(group.to_string(), u64::MAX))
+            .find(|(_, o)| o.topic == topic && o.queue == queue && o.offset == offset);
+        match dead {
+            Some(((_, dlq_offset), o)) => {
+                (format!("dead-lettered ({} at offset {dlq_offset})", dlq_topic(group)), o.attempts)
+            }
+            None => ("consumed".into(), 0),
+        }
+    }
+
     /// (topic, queue, offset) of messages with this id (a resent or
     /// duplicated message may be stored more than once), at most `limit`.
     pub fn find_by_id(&self, id: &str, limit: usize) -> Result<Vec<(String, u32, u64)>> {

@@ -675,3 +675,47 @@ fn a_replica_installed_from_a_snapshot_knows_the_stored_ids() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_group_s_delivery_state_tells_in_flight_held_consumed_and_dead_lettered_apart() {
+    let mut rig = Rig::new();
+    rig.control(Control::CreateTopic { name: "ta".into(), queues: 1, message_type: 1, update: false });
+    let config = GroupConf {
+        name: "g0".into(),
+        consume_enabled: true,
+        max_delivery_attempts: 1,
+        fifo: true,
+        broadcast_enabled: false,
+    };
+    rig.control(Control::UpdateGroup { config });
+    // Offsets 0 and 1 share message group mg1; offset 2 is mg2.
+    rig.apply(command::encode_send("ta", 0, &[message("ta", 1), message("ta", 4), message("ta", 2)]));
+    let state = |rig: &Rig, offset| rig.sh().delivery_state("g0", "ta", 0, offset);
+    assert_eq!(state(&rig, 0), ("not delivered".into(), 0));
+    let pop = |rig: &mut Rig, now_ms| {
+        let index = rig.next_index;
+        let r = rig.control(Control::Pop {
+            group: "g0".into(),
+            topic: "ta".into(),
+            queues: vec![0],
+            max: 10,
+            invisible_ms: 1_000,
+            now_ms,
+            filter: None,
+            max_attempts: 0,
+        });
+        (index, r)
+    };
+    let (pop_index, r) = pop(&mut rig, 1_000);
+    assert!(matches!(&r, Response::Popped { messages } if messages.len() == 2), "{r:?}");
+    assert_eq!(state(&rig, 0), ("in flight".into(), 1));
+    assert!(state(&rig, 1).0.starts_with("held (FIFO"), "{:?}", state(&rig, 1));
+    rig.control(Control::Ack { group: "g0".into(), topic: "ta".into(), queue: 0, offset: 2, pop_index });
+    assert_eq!(state(&rig, 2), ("consumed".into(), 0));
+    // Offset 0 expires at its one allowed attempt: dead-lettered, and the
+    // held one behind it is delivered.
+    pop(&mut rig, 5_000);
+    assert_eq!(state(&rig, 0), ("dead-lettered (%DLQ%g0 at offset 0)".into(), 1));
+    assert_eq!(state(&rig, 1), ("in flight".into(), 1));
+    assert_eq!(rig.sh().delivery_state("other", "ta", 0, 0), ("not delivered".into(), 0));
+}
