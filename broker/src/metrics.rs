@@ -201,30 +201,39 @@ pub fn render(node: &BrokerNode) -> String {
         }
     }
 
-    let st = node.sm.read();
+    // The numbers are copied under the state lock and formatted after it,
+    // so a scrape holds up the state machine's apply as little as possible.
+    let (lags, ends) = {
+        let st = node.sm.read();
+        let lags: Vec<(String, String, u32, u64)> = st
+            .groups
+            .iter()
+            .map(|((g, topic, q), state)| {
+                let end = st.queues.get(&(topic.clone(), *q)).map(|c| c.max_offset()).unwrap_or(0);
+                (g.clone(), topic.clone(), *q, end.saturating_sub(state.committed))
+            })
+            .collect();
+        let ends: Vec<(String, u32, u64)> =
+            st.queues.iter().map(|((t, q), c)| (t.clone(), *q, c.max_offset())).collect();
+        (lags, ends)
+    };
     e.family(
         "raftmq_consumer_lag_messages",
         "Messages of a queue not yet consumed by a group (queue end minus the group's offset), as applied here.",
         Kind::Gauge,
     );
-    for ((g, topic, q), state) in st.groups.iter() {
-        let end = st.queues.get(&(topic.clone(), *q)).map(|c| c.max_offset()).unwrap_or(0);
+    for (g, topic, q, lag) in &lags {
         let queue = q.to_string();
         e.sample(
             "raftmq_consumer_lag_messages",
             &[base[0], base[1], ("consumer_group", g), ("topic", topic), ("queue", &queue)],
-            end.saturating_sub(state.committed) as f64,
+            *lag as f64,
         );
     }
     e.family("raftmq_queue_max_offset", "Messages ever stored in a queue (its end offset).", Kind::Gauge);
-    for ((topic, q), c) in st.queues.iter() {
+    for (topic, q, end) in &ends {
         let queue = q.to_string();
-        e.sample(
-            "raftmq_queue_max_offset",
-            &[base[0], base[1], ("topic", topic), ("queue", &queue)],
-            c.max_offset() as f64,
-        );
+        e.sample("raftmq_queue_max_offset", &[base[0], base[1], ("topic", topic), ("queue", &queue)], *end as f64);
     }
-    drop(st);
     e.finish()
 }
