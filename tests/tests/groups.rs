@@ -81,6 +81,20 @@ fn a_topic_spans_two_groups_end_to_end() {
             let progress = admin.consumer_progress("spread-readers", TOPIC).await.unwrap();
             assert_eq!(progress.total_lag, 0, "{name}: every message acked ({progress:?})");
         }
+        // The CLI resets the group's offsets in both broker groups (the
+        // name server's route), not only in the one behind --server.
+        let out = std::process::Command::new(raftmq_tests::bin("raftmq"))
+            .args(["--server", &a.addrs()[0], "--namesrv", &a.namesrv_addr, "consumer", "reset-offset"])
+            .args(["spread-readers", TOPIC, "--time", "0"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("in 2 broker group(s)"), "{text}");
+        for (admin, name, stored_here) in [(&admin_a, "broker-a", in_a), (&admin_b, "broker-b", in_b)] {
+            let progress = admin.consumer_progress("spread-readers", TOPIC).await.unwrap();
+            assert_eq!(progress.total_lag, stored_here, "{name}: back to the start ({progress:?})");
+        }
 
         // A pull consumer on group a's nodes reads group b's queues by broker name.
         let pc = PullConsumer::new(&a.addrs(), "pullers").unwrap();

@@ -225,7 +225,8 @@ enum ConsumerCmd {
     Connections { group: String },
     /// Moves the group's offsets on a topic to the first messages stored at
     /// or after a time: milliseconds since the epoch, or `-30m` / `-2h` /
-    /// `-1d` from now.
+    /// `-1d` from now. In every broker group the name server routes the
+    /// topic to (the group behind --server when no name server answers).
     ResetOffset {
         group: String,
         topic: String,
@@ -430,6 +431,26 @@ fn print_groups(groups: &[raftmq_proto::namesrv::GroupRoute], json_out: bool, ro
             println!("{:<20}{q} {:>5} {:<24} {:<9} {:>6}", g.broker_name, n.node_id, n.address, role, n.term);
         }
     }
+}
+
+/// The broker groups serving `topic` and their nodes' addresses, from the
+/// name server's route.
+async fn topic_groups(namesrv_addr: &str, topic: &str) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    let mut ns = namesrv(namesrv_addr)?;
+    let route = tokio::time::timeout(
+        Duration::from_secs(3),
+        ns.get_route(raftmq_proto::namesrv::GetRouteRequest { topic: topic.to_string() }),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("timed out"))?
+    .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+    .into_inner();
+    Ok(route
+        .groups
+        .into_iter()
+        .filter(|g| g.queues > 0)
+        .map(|g| (g.broker_name, g.nodes.into_iter().map(|n| n.address).collect()))
+        .collect())
 }
 
 async fn admin(servers: &[String]) -> anyhow::Result<Admin> {
@@ -750,16 +771,37 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Consumer { cmd: ConsumerCmd::ResetOffset { group, topic, time } } => {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
             let ts = parse_time_ms(&time, now)?;
-            let a = admin(&cli.server).await?;
-            let queues = a.reset_offset_by_time(&group, &topic, ts).await?;
+            // Every broker group that serves the topic (the name server's
+            // route); only the group behind --server when no name server
+            // answers.
+            let groups: Vec<(String, Vec<String>)> = match topic_groups(&cli.namesrv, &topic).await {
+                Ok(g) if !g.is_empty() => g,
+                other => {
+                    let why = match other {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "no route for the topic".into(),
+                    };
+                    eprintln!("name server {}: {why}; resetting the group behind --server only", cli.namesrv);
+                    vec![(String::new(), cli.server.clone())]
+                }
+            };
+            let mut all = Vec::new();
+            for (broker, addrs) in &groups {
+                let a = admin(addrs).await.with_context(|| format!("broker group {broker}"))?;
+                for q in a.reset_offset_by_time(&group, &topic, ts).await? {
+                    all.push((broker.clone(), q));
+                }
+            }
             if json_out {
-                let v: Vec<_> = queues.iter().map(|q| json!({"queue": q.queue_id, "offset": q.offset})).collect();
+                let v: Vec<_> =
+                    all.iter().map(|(b, q)| json!({"broker": b, "queue": q.queue_id, "offset": q.offset})).collect();
                 println!("{}", json!({"group": group, "topic": topic, "timestamp_ms": ts, "queues": v}));
             } else {
-                for q in &queues {
-                    println!("{topic} queue {}: offset {}", q.queue_id, q.offset);
+                for (b, q) in &all {
+                    let at = if b.is_empty() { String::new() } else { format!(" ({b})") };
+                    println!("{topic} queue {}{at}: offset {}", q.queue_id, q.offset);
                 }
-                println!("reset {group} on {topic} to {ts} ms");
+                println!("reset {group} on {topic} to {ts} ms in {} broker group(s)", groups.len());
             }
         }
         Cmd::Consumer { cmd: ConsumerCmd::Progress { group, topic } } => {
