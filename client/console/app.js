@@ -165,7 +165,9 @@ async function showCluster() {
 // ----------------------------------------------------------------- topics --
 
 async function showTopics() {
+  const mine = navigation;
   const { topics } = await api("GET", "/api/topics");
+  if (mine !== navigation) return;
   const rows = topics.map((t) => `
     <tr data-topic="${esc(t.name)}"><td><a href="#topics" class="expand">${esc(t.name)}</a></td><td>${t.message_type}</td><td>${t.queues}</td><td>${t.messages}</td>
       <td class="write"><button class="delete danger" data-topic="${esc(t.name)}">delete</button></td></tr>
@@ -197,7 +199,9 @@ async function showTopics() {
 // --------------------------------------------------------- consumer groups --
 
 async function showGroups(selected) {
+  const mine = navigation;
   const { groups } = await api("GET", "/api/groups");
+  if (mine !== navigation) return;
   const rows = groups.map((g) => `<tr data-group="${esc(g.name)}"><td><a href="#groups/${encodeURIComponent(g.name)}">${esc(g.name)}</a></td>
     <td>${g.consume_enabled ? "yes" : '<span class="down">no</span>'}</td><td>${g.max_attempts || "default"}</td><td>${g.fifo ? "yes" : "no"}</td><td>${g.dead_letters}</td></tr>`).join("");
   page.innerHTML = `<section><h2>Consumer groups</h2><table><thead><tr><th>group</th><th>enabled</th><th>max attempts</th><th>FIFO</th><th>dead letters</th></tr></thead><tbody>${rows}</tbody></table>
@@ -210,7 +214,9 @@ async function showGroups(selected) {
 }
 
 async function showGroup(name) {
+  const mine = navigation;
   const g = await api("GET", `/api/groups/${encodeURIComponent(name)}`);
+  if (mine !== navigation || !$("#group")) return;
   const queues = g.queues.map((q) => `<tr><td>${esc(q.topic)}</td><td>${q.queue}</td><td>${q.consumer_offset}</td><td>${q.max_offset}</td><td>${q.lag}</td><td>${q.inflight}</td><td>${q.retrying}</td></tr>`).join("");
   const members = g.members.map((m) => `<tr><td>${esc(m.client_id)}</td><td>${m.alive ? "alive" : '<span class="down">expired</span>'}</td><td>${m.last_heartbeat_ms_ago} ms ago</td><td>${m.assigned.map(esc).join(", ")}</td></tr>`).join("");
   const dlq = g.dead_letters.map((m) => `<tr><td>${m.offset}</td><td>${esc(m.message_id)}</td><td>${esc(m.topic)} #${m.origin_queue} @${m.origin_offset}</td><td>${m.delivery_attempts}</td>
