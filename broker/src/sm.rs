@@ -998,10 +998,8 @@ impl SmShared {
             .collect();
         let found = self.db.multi_get(checked.iter().map(|(_, m)| k_unique(&batch.topic, &m.message_id)));
         let mut duplicates = Vec::new();
-        for ((slot, _), row) in checked.iter().zip(found) {
-            if let Some((q, o)) = row?.as_deref().and_then(queue_offset)
-                && Self::is_stored(st, &batch.topic, q, o)
-            {
+        for ((slot, m), row) in checked.iter().zip(found) {
+            if let Some((q, o)) = self.copy_from_row(st, &batch.topic, &m.message_id, row?.as_deref())? {
                 duplicates.push((*slot as u32, q, o));
             }
         }
@@ -1063,7 +1061,31 @@ impl SmShared {
             return Ok(None);
         }
         let row = self.db.get(k_unique(topic, id))?;
-        Ok(row.as_deref().and_then(queue_offset).filter(|(q, o)| Self::is_stored(st, topic, *q, *o)))
+        self.copy_from_row(st, topic, id, row.as_deref())
+    }
+
+    /// The stored copy a dedupe row points at. A row pointing at no stored
+    /// message (a topic deleted and created again, or entries applied again
+    /// after a crash) does not decide: the id index rows do, scanned as
+    /// every node scans them, so the answer never depends on which copy a
+    /// node's dedupe row happens to name (a snapshot rebuild may name
+    /// another).
+    fn copy_from_row(&self, st: &SmState, topic: &str, id: &str, row: Option<&[u8]>) -> Result<Option<(u32, u64)>> {
+        match row.and_then(queue_offset) {
+            None => Ok(None),
+            Some((q, o)) if Self::is_stored(st, topic, q, o) => Ok(Some((q, o))),
+            Some(_) => {
+                let prefix = format!("k/\x01{id}\0{topic}\0");
+                for rest in self.index_rows(prefix.as_bytes(), 16)? {
+                    if let Some((q, o)) = queue_offset(&rest)
+                        && Self::is_stored(st, topic, q, o)
+                    {
+                        return Ok(Some((q, o)));
+                    }
+                }
+                Ok(None)
+            }
+        }
     }
 
     /// Appends a held message to its ConsumeQueue (dropped when its topic

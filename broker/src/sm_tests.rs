@@ -719,3 +719,23 @@ fn a_group_s_delivery_state_tells_in_flight_held_consumed_and_dead_lettered_apar
     assert_eq!(state(&rig, 1), ("in flight".into(), 1));
     assert_eq!(rig.sh().delivery_state("other", "ta", 0, 0), ("not delivered".into(), 0));
 }
+
+#[test]
+fn a_stale_dedupe_row_of_a_recreated_topic_does_not_decide() {
+    let mut rig = Rig::new();
+    let create = Control::CreateTopic { name: "ta".into(), queues: 2, message_type: 1, update: false };
+    rig.control(create.clone());
+    rig.apply(command::encode_send("ta", 0, &[message("ta", 9), message("ta", 1)]));
+    rig.control(Control::DeleteTopic { name: "ta".into() });
+    rig.control(create);
+    // id-1's old dedupe row points at (0, 1), past the new queue 0's end.
+    assert!(matches!(rig.apply(command::encode_send("ta", 1, &[message("ta", 1)])), Response::Sent { count: 1, .. }));
+    // A node whose dedupe row names the stale copy (a snapshot rebuild picks
+    // the lowest id row) answers as one naming the live copy: the id index
+    // decides.
+    rig.sh().db.put(k_unique("ta", "id-1"), queue_offset_bytes(0, 1)).unwrap();
+    match rig.apply(command::encode_send("ta", 0, &[message("ta", 1)])) {
+        Response::Sent { count, duplicates, .. } => assert_eq!((count, duplicates), (0, vec![(0, 1, 0)])),
+        other => panic!("{other:?}"),
+    }
+}
