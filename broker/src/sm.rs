@@ -193,8 +193,7 @@ fn k_group(g: &GroupKey) -> Vec<u8> {
 
 fn k_key_index(topic: &str, key: &str, queue: u32, offset: u64) -> Vec<u8> {
     let mut k = format!("k/{topic}\0{key}\0").into_bytes();
-    k.extend_from_slice(&queue.to_be_bytes());
-    k.extend_from_slice(&offset.to_be_bytes());
+    k.extend_from_slice(&queue_offset_bytes(queue, offset));
     k
 }
 
@@ -323,10 +322,15 @@ fn queue_offset(b: &[u8]) -> Option<(u32, u64)> {
     Some((u32::from_be_bytes(b[0..4].try_into().ok()?), u64::from_be_bytes(b[4..12].try_into().ok()?)))
 }
 
+/// The id-index rows of `id` in `topic` start with this; [`k_id_index`]
+/// appends the copy's queue and offset.
+fn k_id_prefix(id: &str, topic: &str) -> Vec<u8> {
+    format!("k/\x01{id}\0{topic}\0").into_bytes()
+}
+
 fn k_id_index(id: &str, topic: &str, queue: u32, offset: u64) -> Vec<u8> {
-    let mut k = format!("k/\x01{id}\0{topic}\0").into_bytes();
-    k.extend_from_slice(&queue.to_be_bytes());
-    k.extend_from_slice(&offset.to_be_bytes());
+    let mut k = k_id_prefix(id, topic);
+    k.extend_from_slice(&queue_offset_bytes(queue, offset));
     k
 }
 
@@ -1075,8 +1079,7 @@ impl SmShared {
             None => Ok(None),
             Some((q, o)) if Self::is_stored(st, topic, q, o) => Ok(Some((q, o))),
             Some(_) => {
-                let prefix = format!("k/\x01{id}\0{topic}\0");
-                for rest in self.index_rows(prefix.as_bytes(), 16)? {
+                for rest in self.index_rows(&k_id_prefix(id, topic), 16)? {
                     if let Some((q, o)) = queue_offset(&rest)
                         && Self::is_stored(st, topic, q, o)
                     {
@@ -1092,14 +1095,20 @@ impl SmShared {
     /// or queue is gone). Returns its offset.
     fn release(&self, st: &mut SmState, keys: &mut rocksdb::WriteBatch, m: &HeldMessage) -> Result<Option<u64>> {
         let key = (m.topic.clone(), m.queue);
-        let Some(q) = st.queues.get_mut(&key) else {
+        if !st.queues.contains_key(&key) {
             tracing::info!(topic = %m.topic, queue = m.queue, "held message dropped: its queue is gone");
             return Ok(None);
+        }
+        // Read before the append: a read error leaves the queue as it was.
+        let stored = self.stored_at(m.pos, m.size);
+        let unique = match &stored {
+            Some(s) => self.stored_copy(st, &m.topic, &s.message_id)?.is_none(),
+            None => false,
         };
+        let q = st.queues.get_mut(&key).expect("checked above");
         let offset = q.max_offset();
         q.append(&[CqRecord { pos: m.pos, size: m.size, tag_hash: m.tag_hash }])?;
-        if let Some(stored) = self.stored_at(m.pos, m.size) {
-            let unique = self.stored_copy(st, &m.topic, &stored.message_id)?.is_none();
+        if let Some(stored) = stored {
             index_message(keys, &m.topic, m.queue, offset, &stored, unique);
         }
         st.dirty_queues.insert(key);
