@@ -391,8 +391,7 @@ impl BrokerNode {
     /// invalid `new` changes nothing.
     pub fn reload(&self, new: &BrokerConfig) -> std::result::Result<Vec<&'static str>, String> {
         new.validate()?;
-        let settings = Settings::new(new.reloadable())?;
-        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+        Self::install_settings(&mut self.settings.write().unwrap_or_else(|e| e.into_inner()), new)?;
         Ok(self.config.restart_only_changes(new))
     }
 
@@ -402,9 +401,15 @@ impl BrokerNode {
     /// reload) never undo one another.
     pub fn update_setting(&self, key: &str, value: &str) -> std::result::Result<(), String> {
         let mut current = self.settings.write().unwrap_or_else(|e| e.into_inner());
+        // Validated by with_setting.
         let new = self.config_with(&current).with_setting(key, value)?;
-        new.validate()?;
         debug_assert!(self.config.restart_only_changes(&new).is_empty(), "with_setting changes run-time keys only");
+        Self::install_settings(&mut current, &new)
+    }
+
+    /// Makes the run-time settings of `new` (a validated config) current,
+    /// under the settings lock its caller holds; on an error nothing changes.
+    fn install_settings(current: &mut Arc<Settings>, new: &BrokerConfig) -> std::result::Result<(), String> {
         *current = Arc::new(Settings::new(new.reloadable())?);
         Ok(())
     }
