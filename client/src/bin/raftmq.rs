@@ -433,19 +433,23 @@ fn print_groups(groups: &[raftmq_proto::namesrv::GroupRoute], json_out: bool, ro
     }
 }
 
-/// The broker groups serving `topic` and their nodes' addresses, from the
-/// name server's route.
-async fn topic_groups(namesrv_addr: &str, topic: &str) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+/// The name server's route of `topic`: every broker group serving it.
+async fn topic_route(namesrv_addr: &str, topic: &str) -> anyhow::Result<raftmq_proto::namesrv::GetRouteReply> {
     let mut ns = namesrv(namesrv_addr)?;
-    let route = tokio::time::timeout(
+    Ok(tokio::time::timeout(
         Duration::from_secs(3),
         ns.get_route(raftmq_proto::namesrv::GetRouteRequest { topic: topic.to_string() }),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("timed out"))?
-    .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-    .into_inner();
-    Ok(route
+    .map_err(|_| anyhow::anyhow!("{namesrv_addr}: timed out"))?
+    .map_err(|s| anyhow::anyhow!("{namesrv_addr}: {}", s.message()))?
+    .into_inner())
+}
+
+/// The broker groups holding queues of `topic`, each with its nodes' addresses.
+async fn topic_groups(namesrv_addr: &str, topic: &str) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    Ok(topic_route(namesrv_addr, topic)
+        .await?
         .groups
         .into_iter()
         .filter(|g| g.queues > 0)
@@ -530,12 +534,7 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
                 TopicCmd::Route { name } => {
-                    let mut ns = namesrv(&cli.namesrv)?;
-                    let route = ns
-                        .get_route(raftmq_proto::namesrv::GetRouteRequest { topic: name.clone() })
-                        .await
-                        .map_err(|s| anyhow::anyhow!("{}: {}", cli.namesrv, s.message()))?
-                        .into_inner();
+                    let route = topic_route(&cli.namesrv, &name).await?;
                     print_groups(&route.groups, json_out, true);
                 }
                 TopicCmd::List => {
