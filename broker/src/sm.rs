@@ -1091,29 +1091,42 @@ impl SmShared {
         }
     }
 
-    /// Appends a held message to its ConsumeQueue (dropped when its topic
-    /// or queue is gone). Returns its offset.
-    fn release(&self, st: &mut SmState, keys: &mut rocksdb::WriteBatch, m: &HeldMessage) -> Result<Option<u64>> {
-        let key = (m.topic.clone(), m.queue);
-        if !st.queues.contains_key(&key) {
-            tracing::info!(topic = %m.topic, queue = m.queue, "held message dropped: its queue is gone");
-            return Ok(None);
+    /// Appends held messages to their ConsumeQueues (one whose topic or
+    /// queue is gone is dropped). As in a send batch, every dedupe lookup is
+    /// made against the state before this entry (all of them before the
+    /// first append) and the first copy of an id released here gets the
+    /// dedupe row. So a replay after a crash decides as the first apply did:
+    /// the rows that apply left behind point past the queues' ends until
+    /// the appends, and a later copy in the same entry cannot take the row
+    /// (a read error, too, leaves the queues as they were).
+    fn release(&self, st: &mut SmState, keys: &mut rocksdb::WriteBatch, msgs: &[HeldMessage]) -> Result<()> {
+        let mut checked = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            if !st.queues.contains_key(&(m.topic.clone(), m.queue)) {
+                tracing::info!(topic = %m.topic, queue = m.queue, "held message dropped: its queue is gone");
+                continue;
+            }
+            let stored = self.stored_at(m.pos, m.size);
+            let kept = match &stored {
+                Some(s) => self.stored_copy(st, &m.topic, &s.message_id)?.is_some(),
+                None => true,
+            };
+            checked.push((m, stored, kept));
         }
-        // Read before the append: a read error leaves the queue as it was.
-        let stored = self.stored_at(m.pos, m.size);
-        let unique = match &stored {
-            Some(s) => self.stored_copy(st, &m.topic, &s.message_id)?.is_none(),
-            None => false,
-        };
-        let q = st.queues.get_mut(&key).expect("checked above");
-        let offset = q.max_offset();
-        q.append(&[CqRecord { pos: m.pos, size: m.size, tag_hash: m.tag_hash }])?;
-        if let Some(stored) = stored {
-            index_message(keys, &m.topic, m.queue, offset, &stored, unique);
+        let mut ids_here: HashSet<(&str, String)> = HashSet::new();
+        for (m, stored, kept) in checked {
+            let key = (m.topic.clone(), m.queue);
+            let q = st.queues.get_mut(&key).expect("checked above");
+            let offset = q.max_offset();
+            q.append(&[CqRecord { pos: m.pos, size: m.size, tag_hash: m.tag_hash }])?;
+            if let Some(stored) = stored {
+                let unique = !kept && ids_here.insert((&m.topic, stored.message_id.clone()));
+                index_message(keys, &m.topic, m.queue, offset, &stored, unique);
+            }
+            st.dirty_queues.insert(key);
+            st.messages_applied += 1;
         }
-        st.dirty_queues.insert(key);
-        st.messages_applied += 1;
-        Ok(Some(offset))
+        Ok(())
     }
 
     /// The message at a CommitLog position, if its bytes are still there
@@ -1332,9 +1345,9 @@ impl SmShared {
                 Ok(Response::Popped { messages: out })
             }
             Control::Deliver { now_ms } => {
-                for (_, m) in st.held.take_due(now_ms, command::MAX_MOVED) {
-                    self.release(st, keys, &m)?;
-                }
+                let due: Vec<HeldMessage> =
+                    st.held.take_due(now_ms, command::MAX_MOVED).into_iter().map(|(_, m)| m).collect();
+                self.release(st, keys, &due)?;
                 Ok(Response::Done)
             }
             Control::EndTransaction { tx, commit, now_ms, topic } => {
@@ -1356,7 +1369,7 @@ impl SmShared {
                 if h.msg.delivery_ms > now_ms {
                     st.held.put_delayed(tx, h.msg);
                 } else {
-                    self.release(st, keys, &h.msg)?;
+                    self.release(st, keys, std::slice::from_ref(&h.msg))?;
                 }
                 Ok(Response::Done)
             }
