@@ -553,6 +553,10 @@ impl Messaging {
         if sp.message_id.is_empty() {
             return Err(BrokerError::BadRequest("message without message_id".into()));
         }
+        check_indexed("message_id", &sp.message_id, MAX_MESSAGE_ID_BYTES)?;
+        for k in &sp.keys {
+            check_indexed("key", k, MAX_KEY_BYTES)?;
+        }
         if sp.body_encoding == pb::Encoding::Gzip as i32 {
             return Err(BrokerError::BadRequest("gzip bodies are not supported; send IDENTITY".into()));
         }
@@ -1658,9 +1662,37 @@ impl MessagingService for Messaging {
     }
 }
 
+/// Longest message id taken (the official clients' ids are 34 characters).
+const MAX_MESSAGE_ID_BYTES: usize = 128;
+/// Longest message key taken.
+const MAX_KEY_BYTES: usize = 1024;
+
+/// Checks a message id or key. Both name rows of the index (whose keys
+/// separate their fields with NUL), so a NUL in one would make lookups of
+/// another id or key find it.
+fn check_indexed(what: &str, v: &str, max_bytes: usize) -> Result<()> {
+    if v.len() > max_bytes {
+        return Err(BrokerError::BadRequest(format!("{what} of {} bytes exceeds {max_bytes}", v.len())));
+    }
+    if v.contains('\0') {
+        return Err(BrokerError::BadRequest(format!("{what} {v:?} holds a NUL character")));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_and_keys_with_nul_or_too_long_are_refused() {
+        assert!(check_indexed("key", "order-17", MAX_KEY_BYTES).is_ok());
+        assert!(check_indexed("key", &"k".repeat(MAX_KEY_BYTES), MAX_KEY_BYTES).is_ok());
+        let e = check_indexed("key", &"k".repeat(MAX_KEY_BYTES + 1), MAX_KEY_BYTES).unwrap_err();
+        assert!(e.to_string().contains("exceeds 1024"), "{e}");
+        let e = check_indexed("message_id", "a\0b", MAX_MESSAGE_ID_BYTES).unwrap_err();
+        assert!(matches!(e, BrokerError::BadRequest(_)) && e.to_string().contains("NUL"), "{e}");
+    }
 
     #[test]
     fn handles_roundtrip_and_reject_garbage() {

@@ -286,6 +286,12 @@ fn bad_input_gets_clear_errors_and_loses_nothing() {
         let (c2, m2) = code(producer.send("good", OutMessage::new(vec![0u8; 4 * 1024 * 1024 + 1])).await.unwrap_err());
         assert_eq!(c2, 41301, "{m2}");
         assert!(m2.contains("4194304"), "{m2}");
+        // A key holding a NUL (index rows separate their fields with NUL).
+        let mut nul = OutMessage::new("x");
+        nul.keys = vec!["a\0b".into()];
+        let (c4, m4) = code(producer.send("good", nul).await.unwrap_err());
+        assert_eq!(c4, 40000, "{m4}");
+        assert!(m4.contains("NUL"), "{m4}");
         // Bad topic name.
         let e = admin.create_topic("bad name!", 1, 1, false).await.unwrap_err();
         assert!(e.to_string().contains("character"), "{e}");
