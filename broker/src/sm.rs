@@ -172,7 +172,11 @@ pub struct StateMachineStore {
 
 const K_APPLIED: &[u8] = b"m/applied";
 const K_MEMBERSHIP: &[u8] = b"m/membership";
-/// Present once every id-index row has its dedupe row (`u/`).
+/// Every id-index row has its dedupe row (`u/`) as of the checkpoint this
+/// holds the applied id of: written with [`K_APPLIED`] by every checkpoint
+/// (and snapshot install), so a store last checkpointed by a binary that
+/// wrote no dedupe rows (before they existed, or after a downgrade) has a
+/// different applied id here, and opening it builds the rows again.
 const K_UNIQUE_BUILT: &[u8] = b"m/unique-rows";
 
 fn k_topic(name: &str) -> Vec<u8> {
@@ -361,7 +365,8 @@ impl StateMachineStore {
         opts.set_memtable_prefix_bloom_ratio(0.05);
         opts.set_memtable_whole_key_filtering(true);
         let db = rocksdb::DB::open(&opts, dir.join("db"))?;
-        if db.get(K_UNIQUE_BUILT)?.is_none() {
+        let applied_raw = db.get(K_APPLIED)?;
+        if db.get(K_UNIQUE_BUILT)? != applied_raw {
             let mut batch = rocksdb::WriteBatch::default();
             let mut unique = UniqueRows::default();
             for item in rows(&db, b"k/\x01") {
@@ -371,7 +376,10 @@ impl StateMachineStore {
                     db.write(std::mem::take(&mut batch))?;
                 }
             }
-            batch.put(K_UNIQUE_BUILT, b"1");
+            match &applied_raw {
+                Some(a) => batch.put(K_UNIQUE_BUILT, a),
+                None => batch.delete(K_UNIQUE_BUILT),
+            }
             db.write(batch)?;
             if unique.count > 0 {
                 tracing::info!(rows = unique.count, "dedupe rows built for a store written before they existed");
@@ -515,7 +523,9 @@ impl SmShared {
                     None => batch.delete(k),
                 }
             }
-            batch.put(K_APPLIED, enc(&st.last_applied));
+            let applied = enc(&st.last_applied);
+            batch.put(K_UNIQUE_BUILT, &applied);
+            batch.put(K_APPLIED, applied);
             batch.put(K_MEMBERSHIP, enc(&st.membership));
             let removals: Vec<PathBuf> = std::mem::take(&mut st.pending_removals)
                 .into_iter()
@@ -856,8 +866,9 @@ impl SmShared {
             held.load_row(k, v).map_err(io::Error::other)?;
             batch.put(k, v);
         }
-        batch.put(K_UNIQUE_BUILT, b"1");
-        batch.put(K_APPLIED, enc(&state.last_applied));
+        let applied = enc(&state.last_applied);
+        batch.put(K_UNIQUE_BUILT, &applied);
+        batch.put(K_APPLIED, applied);
         batch.put(K_MEMBERSHIP, enc(&state.membership));
         self.db.write_opt(batch, &wo).map_err(io::Error::other)?;
         st.held = held;

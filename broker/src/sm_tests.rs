@@ -759,6 +759,35 @@ fn a_store_without_dedupe_rows_gets_them_when_opened() {
 }
 
 #[test]
+fn a_store_checkpointed_by_a_binary_without_dedupe_rows_gets_them_again() {
+    let mut rig = Rig::new();
+    rig.control(Control::CreateTopic { name: "ta".into(), queues: 2, message_type: 1, update: false });
+    rig.apply(command::encode_send("ta", 0, &[message("ta", 1)]));
+    rig.sh().checkpoint().unwrap();
+    let db = &rig.sh().db;
+    let built = db.get(K_UNIQUE_BUILT).unwrap();
+    assert_eq!(built, db.get(K_APPLIED).unwrap(), "a checkpoint records the rows as built");
+    // A downgraded binary stores id-2 without its dedupe row and
+    // checkpoints: the applied id moves, the marker does not.
+    rig.apply(command::encode_send("ta", 0, &[message("ta", 2)]));
+    rig.sh().checkpoint().unwrap();
+    let db = &rig.sh().db;
+    let mut old = rocksdb::WriteBatch::default();
+    old.delete(k_unique("ta", "id-2"));
+    old.put(K_UNIQUE_BUILT, built.unwrap());
+    db.write(old).unwrap();
+    let dir = rig.state_dir.clone();
+    drop(rig.sm.take());
+    rig.sm = Some(StateMachineStore::open(&dir, rig.log.clone()).unwrap());
+    match rig.apply(command::encode_send("ta", 1, &[message("ta", 2)])) {
+        Response::Sent { count, duplicates, .. } => {
+            assert_eq!((count, duplicates), (0, vec![(0, 0, 1)]), "the retry is known as a duplicate");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn a_replica_installed_from_a_snapshot_knows_the_stored_ids() {
     let mut rig = Rig::new();
     rig.control(Control::CreateTopic { name: "ta".into(), queues: 2, message_type: 1, update: false });
