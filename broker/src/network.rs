@@ -6,11 +6,22 @@
 //!   back in order.
 //! - Snapshots stream as chunks ([`crate::snapshot`]): the state machine
 //!   files, then the CommitLog segments up to the snapshot's last entry.
+//! - openraft leaves time limits to the transport: a replication stream
+//!   that cannot open in [`STREAM_OPEN_TIMEOUT`], or leaves an append
+//!   unanswered for [`STREAM_ANSWER_TIMEOUT`], ends with an error, and its
+//!   request side is dropped with it ([`SessionRequests`]); openraft then
+//!   opens another.
 
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::task::Context;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -58,7 +69,121 @@ const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// Chunks read ahead of the network while shipping a snapshot.
 const SNAPSHOT_CHUNKS_AHEAD: usize = 4;
 
+/// Longest wait for a replication stream to open (a peer answers with its
+/// headers at once; connecting has its own 500 ms limit).
+pub const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(2);
+/// An append sent on a replication stream and still unanswered after between
+/// one and two of these ends the stream as broken. A follower answers after
+/// its fsync, far sooner; a stream this quiet is stuck (a peer or proxy that
+/// holds the connection open and forwards nothing), and without the limit
+/// the leader would never replicate to that follower again.
+pub const STREAM_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+
 type C = TypeConfig;
+
+/// The request side of one replication stream, shared with its session:
+/// when the session ends (its answers are dropped, or the stream never
+/// opened) [`CloseRequests`] drops the inner stream at once, whatever the
+/// HTTP/2 layer still does with the request body. openraft's request stream
+/// holds its replication state lock while it waits for new entries, so a
+/// body left behind in a dead connection would keep every later session of
+/// that follower from starting.
+struct SessionRequests<S> {
+    inner: Arc<Mutex<Option<S>>>,
+    /// Requests handed to the transport so far.
+    sent: Arc<AtomicU64>,
+}
+
+impl<S: Stream + Unpin> Stream for SessionRequests<S> {
+    type Item = S::Item;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let mut slot = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(s) = slot.as_mut() else { return Poll::Ready(None) };
+        let r = s.poll_next_unpin(cx);
+        match &r {
+            Poll::Ready(Some(_)) => {
+                self.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Poll::Ready(None) => *slot = None,
+            Poll::Pending => {}
+        }
+        r
+    }
+}
+
+/// Drops a session's request stream when the session ends.
+struct CloseRequests<S>(Arc<Mutex<Option<S>>>);
+
+impl<S> CloseRequests<S> {
+    fn close(&self) {
+        let inner = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(inner);
+    }
+}
+
+impl<S> Drop for CloseRequests<S> {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The answers of one replication stream, watched for a stall (see
+/// [`STREAM_ANSWER_TIMEOUT`]).
+struct AnswerWatch<S> {
+    /// `None` once the stream ended.
+    responses: Option<tonic::Streaming<RaftMessage>>,
+    close: CloseRequests<S>,
+    sent: Arc<AtomicU64>,
+    answered: u64,
+    /// At the end of the last quiet period that left requests unanswered:
+    /// the answer count then.
+    stalled_at: Option<u64>,
+    target: u64,
+    addr: String,
+    /// The peer client's: set when this stream is found stuck.
+    stale: Arc<AtomicBool>,
+}
+
+impl<S> AnswerWatch<S> {
+    /// The next answer; after an error or the end, the stream is over (and
+    /// its requests dropped).
+    async fn next_answer(&mut self) -> Option<Result<StreamAppendResult<C>, RPCError<C>>> {
+        loop {
+            let responses = self.responses.as_mut()?;
+            let r = match tokio::time::timeout(STREAM_ANSWER_TIMEOUT, responses.next()).await {
+                Ok(None) => None,
+                Ok(Some(item)) => {
+                    self.answered += 1;
+                    self.stalled_at = None;
+                    Some(item.map_err(|s| status_error("stream_append", self.target, &self.addr, &s)).and_then(|m| {
+                        let r: Result<StreamAppendResult<C>, String> =
+                            decode(&m.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+                        r.map_err(|msg| RPCError::Network(net_err(format!("remote node {}: {msg}", self.target))))
+                    }))
+                }
+                Err(_) => {
+                    let unanswered = self.sent.load(Ordering::Relaxed) > self.answered;
+                    if !(unanswered && self.stalled_at == Some(self.answered)) {
+                        self.stalled_at = unanswered.then_some(self.answered);
+                        continue;
+                    }
+                    tracing::warn!(target_node = self.target, addr = %self.addr, "replication stream stuck; ending it");
+                    self.stale.store(true, Ordering::Relaxed);
+                    Some(Err(RPCError::Network(net_err(format!(
+                        "stream_append to node {} at {}: an append unanswered for over {STREAM_ANSWER_TIMEOUT:?}",
+                        self.target, self.addr
+                    )))))
+                }
+            };
+            if !matches!(r, Some(Ok(_))) {
+                self.responses = None;
+                self.close.close();
+            }
+            return r;
+        }
+    }
+}
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     rmp_serde::to_vec(v).expect("raft message encodes")
@@ -100,20 +225,43 @@ pub struct PeerClient {
     client: Option<RaftServiceClient<Channel>>,
     addr: String,
     log: Arc<CommitLog>,
+    /// Set when a stream on `client` timed out: the next call opens a new
+    /// channel (a wedged connection or channel is not used again).
+    stale: Arc<AtomicBool>,
+}
+
+/// A client of a peer's Raft service over a new, lazily connected channel
+/// (`None`: the address does not parse).
+fn peer_client(addr: &str) -> Option<RaftServiceClient<Channel>> {
+    channel(addr, Duration::from_millis(500))
+        .ok()
+        .map(|c| RaftServiceClient::new(c).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
 }
 
 impl RaftNetworkFactory<C> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
-        let client = channel(&node.addr, Duration::from_millis(500)).ok().map(|c| {
-            RaftServiceClient::new(c).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20)
-        });
-        PeerClient { group: self.group.clone(), target, client, addr: node.addr.clone(), log: self.log.clone() }
+        PeerClient {
+            group: self.group.clone(),
+            target,
+            client: peer_client(&node.addr),
+            addr: node.addr.clone(),
+            log: self.log.clone(),
+            stale: Arc::new(AtomicBool::new(false)),
+        }
     }
 }
 
 impl PeerClient {
+    /// Replaces a channel a timed-out stream left stale.
+    fn renew_if_stale(&mut self) {
+        if self.stale.swap(false, Ordering::Relaxed) {
+            tracing::info!(target_node = self.target, addr = %self.addr, "new channel after a stuck replication stream");
+            self.client = peer_client(&self.addr);
+        }
+    }
+
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &mut self,
         kind: &'static str,
@@ -217,23 +365,41 @@ impl RaftNetworkV2<C> for PeerClient {
     {
         async move {
             let _ = option;
+            self.renew_if_stale();
             let Some(mut client) = self.client.clone() else {
                 let e = io::Error::other(format!("bad address {}", self.addr));
                 return Err(RPCError::Unreachable(Unreachable::new(&e)));
             };
+            let slot = Arc::new(Mutex::new(Some(input)));
+            let close = CloseRequests(slot.clone());
+            let sent = Arc::new(AtomicU64::new(0));
             let group = self.group.clone();
-            let requests = input.map(move |r| RaftMessage { group: group.clone(), payload: encode(&r).into() });
+            let requests = SessionRequests { inner: slot, sent: sent.clone() }
+                .map(move |r| RaftMessage { group: group.clone(), payload: encode(&r).into() });
             let (target, addr) = (self.target, self.addr.clone());
-            let responses = client
-                .stream_append(requests)
-                .await
-                .map_err(|s| status_error("stream_append", target, &addr, &s))?
-                .into_inner();
-            let out = responses.map(move |item| {
-                let m = item.map_err(|s| status_error("stream_append", target, &addr, &s))?;
-                let r: Result<StreamAppendResult<C>, String> =
-                    decode(&m.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-                r.map_err(|msg| RPCError::Network(net_err(format!("remote node {target}: {msg}"))))
+            let responses = match tokio::time::timeout(STREAM_OPEN_TIMEOUT, client.stream_append(requests)).await {
+                Ok(r) => r.map_err(|s| status_error("stream_append", target, &addr, &s))?.into_inner(),
+                Err(_) => {
+                    self.stale.store(true, Ordering::Relaxed);
+                    let e = io::Error::other(format!(
+                        "stream_append to node {target} at {addr}: not open after {STREAM_OPEN_TIMEOUT:?}"
+                    ));
+                    return Err(RPCError::Unreachable(Unreachable::new(&e)));
+                }
+            };
+            let answers = AnswerWatch {
+                responses: Some(responses),
+                close,
+                sent,
+                answered: 0,
+                stalled_at: None,
+                target,
+                addr,
+                stale: self.stale.clone(),
+            };
+            let out = futures::stream::unfold(answers, |mut w| async move {
+                let r = w.next_answer().await?;
+                Some((r, w))
             });
             Ok(out.boxed())
         }
@@ -500,5 +666,118 @@ impl RaftService for RaftServer {
             let _ = std::fs::remove_dir_all(&dir);
         }
         reply(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use raftmq_proto::raft::raft_service_server::RaftServiceServer;
+
+    use super::*;
+    use crate::types::Vote;
+
+    #[tokio::test]
+    async fn a_session_s_requests_are_dropped_when_it_ends_even_if_the_transport_keeps_the_body() {
+        // Like openraft's request stream: it waits for new entries holding
+        // its replication state lock.
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        let l = lock.clone();
+        let inner = futures::stream::unfold((), move |()| {
+            let l = l.clone();
+            async move {
+                let _guard = l.lock_owned().await;
+                futures::future::pending::<()>().await;
+                Some((1u32, ()))
+            }
+        })
+        .boxed();
+        let slot = Arc::new(Mutex::new(Some(inner)));
+        let mut body = SessionRequests { inner: slot.clone(), sent: Arc::new(AtomicU64::new(0)) };
+        // The transport polls the body once, then keeps it without polling.
+        assert!(futures::poll!(body.next()).is_pending());
+        assert!(lock.try_lock().is_err(), "the request stream holds the lock");
+        drop(CloseRequests(slot));
+        assert!(lock.try_lock().is_ok(), "ending the session freed it");
+        assert_eq!(body.next().await, None, "the body the transport kept ends");
+    }
+
+    /// A peer that takes a replication stream and never answers it.
+    struct Silent;
+
+    #[tonic::async_trait]
+    impl RaftService for Silent {
+        async fn append_entries(
+            &self,
+            _: tonic::Request<RaftMessage>,
+        ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
+            Err(tonic::Status::unimplemented("silent"))
+        }
+        async fn vote(&self, _: tonic::Request<RaftMessage>) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
+            Err(tonic::Status::unimplemented("silent"))
+        }
+        async fn pre_vote(
+            &self,
+            _: tonic::Request<RaftMessage>,
+        ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
+            Err(tonic::Status::unimplemented("silent"))
+        }
+        async fn transfer_leader(
+            &self,
+            _: tonic::Request<RaftMessage>,
+        ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
+            Err(tonic::Status::unimplemented("silent"))
+        }
+        type StreamAppendStream = Pin<Box<dyn Stream<Item = Result<RaftMessage, tonic::Status>> + Send + 'static>>;
+        async fn stream_append(
+            &self,
+            req: tonic::Request<tonic::Streaming<RaftMessage>>,
+        ) -> Result<tonic::Response<Self::StreamAppendStream>, tonic::Status> {
+            // Reads every request, answers none.
+            let mut requests = req.into_inner();
+            tokio::spawn(async move { while let Some(Ok(_)) = requests.next().await {} });
+            Ok(tonic::Response::new(Box::pin(futures::stream::pending())))
+        }
+        async fn install_snapshot(
+            &self,
+            _: tonic::Request<tonic::Streaming<SnapshotChunk>>,
+        ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
+            Err(tonic::Status::unimplemented("silent"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replication_stream_left_unanswered_ends_with_an_error_and_a_new_channel() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        tokio::spawn(tonic::transport::Server::builder().add_service(RaftServiceServer::new(Silent)).serve(addr));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) =
+            CommitLog::open(dir.path(), raft_log::LogConfig::small_for_tests(), Arc::new(raft_log::StdFs)).unwrap();
+        let mut network = Network { group: "g".into(), log: Arc::new(log) };
+        let node = BasicNode { addr: addr.to_string() };
+        let mut peer = network.new_client(2, &node).await;
+        let append = AppendEntriesRequest::<C> {
+            vote: Vote { leader_id: raft_log::store::AdvLeaderId { term: 1, node_id: 1 }, committed: true },
+            prev_log_id: None,
+            leader_commit: None,
+            entries: vec![],
+        };
+        let input = futures::stream::iter([append]).chain(futures::stream::pending());
+        let option = RPCOption::new(Duration::from_millis(100));
+        let started = std::time::Instant::now();
+        let mut answers = peer.stream_append(Box::pin(input), option).await.expect("the stream opens");
+        let first = answers.next().await.expect("an item, not the end");
+        let waited = started.elapsed();
+        let e = first.expect_err("no answer is an error");
+        assert!(e.to_string().contains("unanswered"), "{e}");
+        assert!(waited >= STREAM_ANSWER_TIMEOUT && waited < 3 * STREAM_ANSWER_TIMEOUT, "{waited:?}");
+        assert!(answers.next().await.is_none(), "the stream is over");
+        drop(answers);
+        assert!(peer.stale.load(Ordering::Relaxed), "the next session gets a new channel");
+        peer.renew_if_stale();
+        assert!(!peer.stale.load(Ordering::Relaxed));
     }
 }

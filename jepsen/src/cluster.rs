@@ -344,7 +344,9 @@ impl Cluster {
         let mut cmd = self.command(n.ns.as_deref(), &self.bin_dir.join("raftmq-broker"));
         cmd.arg("--config")
             .arg(n.dir.join("broker.toml"))
-            .env("RUST_LOG", "info,openraft=warn")
+            // RAFTMQ_JEPSEN_NODE_LOG: the nodes' RUST_LOG, to look closer
+            // at a failed run (default "info,openraft=warn").
+            .env("RUST_LOG", std::env::var("RAFTMQ_JEPSEN_NODE_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
             .env("RAFTMQ_CLOCK_OFFSET_FILE", &n.clock_control)
             .env("RAFTMQ_FAULT_FS_CONTROL", &n.fs_control);
         self.spawn(&format!("n{}", n.id), cmd, &n.log)
