@@ -15,6 +15,7 @@
 //! path as opening the database.
 
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
 use serde::Deserialize;
 use serde::Serialize;
@@ -73,8 +74,14 @@ pub struct Held {
     /// By (due time, id): the next due is first.
     pub delayed: BTreeMap<(u64, TxId), HeldMessage>,
     pub halves: BTreeMap<TxId, Half>,
-    /// By (group, offset in `%DLQ%<group>`).
+    /// By (group, offset in `%DLQ%<group>`). Changed only through
+    /// [`Held::put_dead`], [`Held::remove_dead`] and [`Held::load_row`],
+    /// which keep `dead_origins` in step.
     pub dead: BTreeMap<(String, u64), DeadOrigin>,
+    /// (group, topic, queue, offset, DLQ offset) of every dead letter: the
+    /// admin query finds a message's dead letter without a scan of its
+    /// group's.
+    dead_origins: BTreeSet<(String, String, u32, u64, u64)>,
     /// (group, client id) -> last heartbeat, ms.
     pub clients: BTreeMap<(String, String), u64>,
     dirty: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
@@ -181,13 +188,32 @@ impl Held {
 
     pub fn put_dead(&mut self, group: &str, dlq_offset: u64, origin: DeadOrigin) {
         self.dirty.insert(k_dead(group, dlq_offset), Some(enc(&origin)));
-        self.dead.insert((group.to_string(), dlq_offset), origin);
+        self.insert_dead(group.to_string(), dlq_offset, origin);
+    }
+
+    fn insert_dead(&mut self, group: String, dlq_offset: u64, origin: DeadOrigin) {
+        self.dead_origins.insert((group.clone(), origin.topic.clone(), origin.queue, origin.offset, dlq_offset));
+        if let Some(old) = self.dead.insert((group.clone(), dlq_offset), origin) {
+            self.dead_origins.remove(&(group, old.topic, old.queue, old.offset, dlq_offset));
+        }
     }
 
     pub fn remove_dead(&mut self, group: &str, dlq_offset: u64) -> Option<DeadOrigin> {
         let o = self.dead.remove(&(group.to_string(), dlq_offset))?;
+        self.dead_origins.remove(&(group.to_string(), o.topic.clone(), o.queue, o.offset, dlq_offset));
         self.dirty.insert(k_dead(group, dlq_offset), None);
         Some(o)
+    }
+
+    /// The first dead letter (lowest DLQ offset) of `group` made from the
+    /// message at `offset` of a topic's queue.
+    pub fn dead_letter_of(&self, group: &str, topic: &str, queue: u32, offset: u64) -> Option<(u64, &DeadOrigin)> {
+        let (g, t) = (group.to_string(), topic.to_string());
+        let &(.., dlq_offset) = self
+            .dead_origins
+            .range((g.clone(), t.clone(), queue, offset, 0)..=(g.clone(), t, queue, offset, u64::MAX))
+            .next()?;
+        self.dead.get(&(g, dlq_offset)).map(|o| (dlq_offset, o))
     }
 
     /// Records a consumer's heartbeat, and forgets the group's consumers
@@ -263,7 +289,7 @@ impl Held {
                 }
                 let group = String::from_utf8(rest[..split].to_vec()).map_err(|_| bad())?;
                 let offset = be_u64(&rest[split + 1..]).ok_or_else(bad)?;
-                self.dead.insert((group, offset), dec(k, v)?);
+                self.insert_dead(group, offset, dec(k, v)?);
             }
             Some(p) if p == P_CLIENT => {
                 let zero = rest.iter().position(|b| *b == 0).ok_or_else(bad)?;
@@ -280,6 +306,30 @@ impl Held {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_s_dead_letter_is_found_by_its_origin() {
+        let mut h = Held::default();
+        let origin = |offset| DeadOrigin { topic: "t".into(), queue: 2, offset, attempts: 17 };
+        h.put_dead("g", 4, origin(10));
+        h.put_dead("g", 5, origin(11));
+        h.put_dead("g", 9, origin(10)); // resent, then dead again
+        h.put_dead("other", 1, origin(10));
+        assert_eq!(h.dead_letter_of("g", "t", 2, 10).map(|(o, _)| o), Some(4), "the first one");
+        assert_eq!(h.dead_letter_of("g", "t", 2, 11).map(|(o, _)| o), Some(5));
+        assert_eq!(h.dead_letter_of("g", "t", 2, 12), None);
+        assert_eq!(h.dead_letter_of("g", "u", 2, 10), None);
+        assert_eq!(h.dead_letter_of("g", "t", 3, 10), None);
+        h.remove_dead("g", 4);
+        assert_eq!(h.dead_letter_of("g", "t", 2, 10).map(|(o, _)| o), Some(9));
+        h.remove_dead("g", 9);
+        assert_eq!(h.dead_letter_of("g", "t", 2, 10), None);
+        assert_eq!(h.dead_letter_of("other", "t", 2, 10).map(|(o, _)| o), Some(1));
+        // Overwriting a DLQ offset's origin moves its index entry too.
+        h.put_dead("g", 5, origin(12));
+        assert_eq!(h.dead_letter_of("g", "t", 2, 11), None);
+        assert_eq!(h.dead_letter_of("g", "t", 2, 12).map(|(o, _)| o), Some(5));
+    }
 
     fn msg(delivery_ms: u64) -> HeldMessage {
         HeldMessage { topic: "t".into(), queue: 1, pos: 7, size: 9, tag_hash: 3, store_ms: 100, delivery_ms }
@@ -300,6 +350,7 @@ mod tests {
         assert_eq!(back.delayed, h.delayed);
         assert_eq!(back.halves, h.halves);
         assert_eq!(back.dead, h.dead);
+        assert_eq!(back.dead_origins, h.dead_origins);
         assert_eq!(back.clients, h.clients);
         // Staged rows are the same rows.
         let staged: Vec<(Vec<u8>, Vec<u8>)> =

@@ -616,13 +616,8 @@ impl SmShared {
         if offset >= g.pop_offset {
             return ("not delivered".into(), 0);
         }
-        let dead = st
-            .held
-            .dead
-            .range((group.to_string(), 0)..=(group.to_string(), u64::MAX))
-            .find(|(_, o)| o.topic == topic && o.queue == queue && o.offset == offset);
-        match dead {
-            Some(((_, dlq_offset), o)) => {
+        match st.held.dead_letter_of(group, topic, queue, offset) {
+            Some((dlq_offset, o)) => {
                 (format!("dead-lettered ({} at offset {dlq_offset})", dlq_topic(group)), o.attempts)
             }
             None => ("consumed".into(), 0),
