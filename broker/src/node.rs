@@ -132,6 +132,49 @@ const HANDOVER_WAIT: Duration = Duration::from_secs(3);
 const PROPOSE_PATIENCE: Duration = Duration::from_secs(8);
 
 impl BrokerNode {
+    /// A state machine that applied entries its log no longer holds (a disk
+    /// that lost fsynced writes: recovery cut the log's tail) points into
+    /// bytes that are gone, and new entries would be written over the
+    /// positions it records. openraft would take the state for a snapshot
+    /// and purge the whole log, so this node would serve its queues with
+    /// every earlier message missing. When the log still starts at entry 1,
+    /// the state is dropped and rebuilt by applying the log again (the
+    /// leader sends the lost tail); otherwise the node refuses to start and
+    /// says how to rejoin empty. Returns the state to run with.
+    fn state_ahead_of_log(
+        log: &Arc<CommitLog>,
+        sm: StateMachineStore,
+        state_dir: &std::path::Path,
+    ) -> anyhow::Result<StateMachineStore> {
+        let applied = sm.shared.applied_index();
+        let purged = log.purged().map(|p| p.index).max(log.raft_purged().map(|p| p.index));
+        let log_end = log.last_entry().map(|e| e.index).max(purged).unwrap_or(0);
+        if applied <= log_end {
+            return Ok(sm);
+        }
+        if purged.is_some() || log.first_index() > 1 {
+            anyhow::bail!(
+                "the state applied entry {applied} but the CommitLog ends at {log_end} (its tail was lost) and no longer \
+                 starts at entry 1, so the state cannot be rebuilt from it: move {} aside and start this node empty to \
+                 copy the group's data from the leader",
+                state_dir.parent().unwrap_or(state_dir).display()
+            );
+        }
+        tracing::error!(
+            applied,
+            log_end,
+            "the state applied entries the CommitLog lost (its tail was cut at recovery): rebuilding the state from the log"
+        );
+        drop(sm);
+        let moved = state_dir.with_extension(format!("ahead-of-log-{applied}"));
+        let _ = std::fs::remove_dir_all(&moved);
+        std::fs::rename(state_dir, &moved).map_err(|e| anyhow::anyhow!("moving {} aside: {e}", state_dir.display()))?;
+        let fresh =
+            StateMachineStore::open(state_dir, log.clone()).map_err(|e| anyhow::anyhow!("opening a new state: {e}"))?;
+        std::fs::remove_dir_all(&moved).map_err(|e| anyhow::anyhow!("removing {}: {e}", moved.display()))?;
+        Ok(fresh)
+    }
+
     /// Opens the data directory (running log recovery), starts Raft, and
     /// bootstraps the group on first start.
     pub async fn start(config: BrokerConfig) -> anyhow::Result<Arc<Self>> {
@@ -151,8 +194,10 @@ impl BrokerNode {
         tracing::info!(?report, last = ?log.last_entry(), "CommitLog recovered");
         let log = Arc::new(log);
         let store: RaftLogStore<TypeConfig> = RaftLogStore::new(log.clone())?;
-        let sm = StateMachineStore::open(&config.data_dir.join("state"), log.clone())
-            .map_err(|e| anyhow::anyhow!("opening the state: {e}"))?;
+        let state_dir = config.data_dir.join("state");
+        let sm =
+            StateMachineStore::open(&state_dir, log.clone()).map_err(|e| anyhow::anyhow!("opening the state: {e}"))?;
+        let sm = Self::state_ahead_of_log(&log, sm, &state_dir)?;
         let shared = sm.shared.clone();
 
         let r = &config.raft;

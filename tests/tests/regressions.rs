@@ -163,6 +163,63 @@ fn a_follower_that_lost_its_log_tail_does_not_bring_the_leader_down() {
     });
 }
 
+/// jepsen long run (`--nemesis all`, 2026-11-22; disk-truncate-tail [1]):
+/// the node's state had applied (and checkpointed) entries that the zeroed
+/// tail of its CommitLog then lost. openraft took the state for a snapshot
+/// and purged the whole log, so the node's queues began thousands of
+/// messages late (the final read found 9692 of 28392 acknowledged messages).
+/// The state is now rebuilt from the log: the follower's queues start at 0
+/// and hold every message.
+#[test]
+fn a_follower_whose_state_outran_its_lost_log_tail_keeps_every_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(
+        dir.path(),
+        3,
+        "[log]\nsegment_bytes = 16777216\nmax_entry_bytes = 8388608\ncheckpoint_interval_ms = 600000\n",
+    );
+    runtime().block_on(async {
+        let (leader, admin) = wait_for_leader(&c, Duration::from_secs(20)).await;
+        create_topic(&admin, "t", 2).await;
+        let p = Producer::new(&c.addrs(), ProducerOptions::default()).unwrap();
+        for i in 0..200 {
+            p.send("t", OutMessage::new(format!("a{i}"))).await.unwrap();
+        }
+        // The state checkpoints every second: let it cover the tail that
+        // will be lost.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let follower = c.nodes.iter().map(|(id, _)| *id).find(|id| *id != leader).unwrap();
+        let fi = c.index_of(follower);
+        c.kill_node(fi);
+        let (seg, from, end) = zero_log_tail(&c, follower, 4096);
+        eprintln!("zeroed {from}..{end} of {}", seg.display());
+        c.start_node(fi);
+        for i in 0..200 {
+            p.send("t", OutMessage::new(format!("b{i}"))).await.unwrap_or_else(|e| panic!("send b{i}: {e}"));
+        }
+        let commit = admin.node_status().await.unwrap().commit_index;
+        let f_admin = raftmq_client::Admin::connect(&c.nodes[fi].1).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if f_admin.node_status().await.is_ok_and(|s| s.applied_index >= commit) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the follower never caught up to {commit}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let ranges = |topics: Vec<raftmq_proto::admin::TopicStatus>| -> Vec<(u64, u64)> {
+            let t = topics.into_iter().find(|t| t.config.as_ref().is_some_and(|c| c.name == "t")).expect("topic t");
+            t.queues.iter().map(|q| (q.min_offset, q.max_offset)).collect()
+        };
+        let on_leader = ranges(admin.list_topics().await.unwrap());
+        let on_follower = ranges(f_admin.list_topics().await.unwrap());
+        assert_eq!(on_leader.iter().map(|r| r.1).sum::<u64>(), 400);
+        assert_eq!(on_follower, on_leader, "the follower serves every message, from offset 0");
+        let log = std::fs::read_to_string(c.log_path(follower)).unwrap();
+        assert!(log.contains("rebuilding the state from the log"), "the follower's state was ahead of its log");
+    });
+}
+
 /// jepsen long run (`--nemesis all`; pause-leader: 10 s without an
 /// acknowledged send): a follower forwarding a proposal to a paused leader
 /// waited out the whole 5 s forwarding timeout although a new leader was
