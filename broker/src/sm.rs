@@ -179,6 +179,14 @@ const K_MEMBERSHIP: &[u8] = b"m/membership";
 /// different applied id here, and opening it builds the rows again.
 const K_UNIQUE_BUILT: &[u8] = b"m/unique-rows";
 
+/// Records the applied log id in `batch`, with the dedupe-rows marker that
+/// must always hold the same bytes (see [`K_UNIQUE_BUILT`]).
+fn put_applied(batch: &mut rocksdb::WriteBatch, applied: &Option<LogId>) {
+    let applied = enc(applied);
+    batch.put(K_UNIQUE_BUILT, &applied);
+    batch.put(K_APPLIED, applied);
+}
+
 fn k_topic(name: &str) -> Vec<u8> {
     format!("t/{name}").into_bytes()
 }
@@ -387,8 +395,8 @@ impl StateMachineStore {
         }
         let cq_root = dir.join("cq");
         let mut st = SmState::default();
-        if let Some(b) = db.get(K_APPLIED)? {
-            st.last_applied = dec(K_APPLIED, &b)?;
+        if let Some(b) = &applied_raw {
+            st.last_applied = dec(K_APPLIED, b)?;
         }
         if let Some(b) = db.get(K_MEMBERSHIP)? {
             st.membership = dec(K_MEMBERSHIP, &b)?;
@@ -523,9 +531,7 @@ impl SmShared {
                     None => batch.delete(k),
                 }
             }
-            let applied = enc(&st.last_applied);
-            batch.put(K_UNIQUE_BUILT, &applied);
-            batch.put(K_APPLIED, applied);
+            put_applied(&mut batch, &st.last_applied);
             batch.put(K_MEMBERSHIP, enc(&st.membership));
             let removals: Vec<PathBuf> = std::mem::take(&mut st.pending_removals)
                 .into_iter()
@@ -861,9 +867,7 @@ impl SmShared {
             held.load_row(k, v).map_err(io::Error::other)?;
             batch.put(k, v);
         }
-        let applied = enc(&state.last_applied);
-        batch.put(K_UNIQUE_BUILT, &applied);
-        batch.put(K_APPLIED, applied);
+        put_applied(&mut batch, &state.last_applied);
         batch.put(K_MEMBERSHIP, enc(&state.membership));
         self.db.write_opt(batch, &wo).map_err(io::Error::other)?;
         st.held = held;
@@ -1112,20 +1116,23 @@ impl SmShared {
                 tracing::info!(topic = %m.topic, queue = m.queue, "held message dropped: its queue is gone");
                 continue;
             }
-            let stored = self.stored_at(m.pos, m.size);
-            let kept = match &stored {
-                Some(s) => self.stored_copy(st, &m.topic, &s.message_id)?.is_some(),
-                None => true,
+            // The message and whether a copy of its id is kept already.
+            let stored = match self.stored_at(m.pos, m.size) {
+                Some(s) => {
+                    let kept = self.stored_copy(st, &m.topic, &s.message_id)?.is_some();
+                    Some((s, kept))
+                }
+                None => None,
             };
-            checked.push((m, stored, kept));
+            checked.push((m, stored));
         }
         let mut ids_here: HashSet<(&str, String)> = HashSet::new();
-        for (m, stored, kept) in checked {
+        for (m, stored) in checked {
             let key = (m.topic.clone(), m.queue);
             let q = st.queues.get_mut(&key).expect("checked above");
             let offset = q.max_offset();
             q.append(&[CqRecord { pos: m.pos, size: m.size, tag_hash: m.tag_hash }])?;
-            if let Some(stored) = stored {
+            if let Some((stored, kept)) = stored {
                 let unique = !kept && ids_here.insert((&m.topic, stored.message_id.clone()));
                 index_message(keys, &m.topic, m.queue, offset, &stored, unique);
             }
