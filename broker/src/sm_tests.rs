@@ -326,6 +326,14 @@ impl Rig {
         &self.sm.as_ref().expect("open").shared
     }
 
+    /// Closes the state and opens it again from what is on disk (no entry
+    /// applied again: see `Op::Crash`).
+    fn reopen(&mut self) {
+        drop(self.sm.take());
+        self.sm =
+            Some(StateMachineStore::open(&self.state_dir, self.log.clone()).unwrap_or_else(|e| panic!("reopen: {e}")));
+    }
+
     fn new() -> Self {
         let root = tempfile::tempdir().unwrap();
         let config = LogConfig {
@@ -539,10 +547,7 @@ impl Rig {
                 let before = observe(self.sh(), &ids);
                 // Reopen from what is on disk; openraft re-applies the
                 // committed entries after the stored applied id.
-                let dir = self.state_dir.clone();
-                drop(self.sm.take());
-                self.sm =
-                    Some(StateMachineStore::open(&dir, self.log.clone()).unwrap_or_else(|e| panic!("reopen: {e}")));
+                self.reopen();
                 let applied = self.sh().read().last_applied.map(|l| l.index).unwrap_or(0);
                 for (index, cmd) in self.entries.iter().filter(|(i, _)| *i > applied) {
                     self.sh().apply_entry(entry(*index, cmd)).unwrap();
@@ -747,9 +752,7 @@ fn a_store_without_dedupe_rows_gets_them_when_opened() {
     gone.delete(K_UNIQUE_BUILT);
     db.write(gone).unwrap();
     assert!(db.get(k_unique("ta", "id-1")).unwrap().is_none());
-    let dir = rig.state_dir.clone();
-    drop(rig.sm.take());
-    rig.sm = Some(StateMachineStore::open(&dir, rig.log.clone()).unwrap());
+    rig.reopen();
     match rig.apply(command::encode_send("ta", 1, &[message("ta", 1)])) {
         Response::Sent { count, duplicates, .. } => {
             assert_eq!((count, duplicates), (0, vec![(0, 0, 0)]), "the retry is known as a duplicate");
@@ -776,9 +779,7 @@ fn a_store_checkpointed_by_a_binary_without_dedupe_rows_gets_them_again() {
     old.delete(k_unique("ta", "id-2"));
     old.put(K_UNIQUE_BUILT, built.unwrap());
     db.write(old).unwrap();
-    let dir = rig.state_dir.clone();
-    drop(rig.sm.take());
-    rig.sm = Some(StateMachineStore::open(&dir, rig.log.clone()).unwrap());
+    rig.reopen();
     match rig.apply(command::encode_send("ta", 1, &[message("ta", 2)])) {
         Response::Sent { count, duplicates, .. } => {
             assert_eq!((count, duplicates), (0, vec![(0, 0, 1)]), "the retry is known as a duplicate");
