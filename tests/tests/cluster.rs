@@ -93,6 +93,25 @@ pub(crate) async fn drain(
     got
 }
 
+/// Waits until the node at `addr` applied everything the leader committed.
+pub async fn wait_caught_up(c: &Cluster, leader: &Admin, addr: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let commit = leader.node_status().await.unwrap().commit_index;
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_secs(1), async { Admin::connect(addr)?.node_status().await }).await
+            && s.applied_index >= commit
+        {
+            return;
+        }
+        if Instant::now() > deadline {
+            c.dump_logs();
+            panic!("{addr} did not catch up to {commit} within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[test]
 fn leader_kill_mid_stream_loses_no_acknowledged_message() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use raftmq_client::Admin;
 use raftmq_client::OutMessage;
 use raftmq_client::Producer;
 use raftmq_client::ProducerOptions;
@@ -12,6 +13,7 @@ use raftmq_tests::Cluster;
 
 use crate::cluster::create_topic;
 use crate::cluster::runtime;
+use crate::cluster::wait_caught_up;
 use crate::cluster::wait_for_leader;
 
 /// jepsen offsets register (partition-leader, disk-power-loss, clock-skew,
@@ -112,6 +114,38 @@ fn zero_log_tail(c: &Cluster, id: u64, n: u64) -> (std::path::PathBuf, u64, u64)
     (seg, from, end)
 }
 
+/// The group's config for the lost-tail tests: no log checkpoint during the
+/// test, so a lost tail is after it and recovery cuts it instead of refusing
+/// to open.
+const NO_LOG_CHECKPOINT: &str =
+    "[log]\nsegment_bytes = 16777216\nmax_entry_bytes = 8388608\ncheckpoint_interval_ms = 600000\n";
+
+/// Sends 200 messages to a new topic `t` (2 queues), waits `settle`, kills a
+/// follower, zeroes the last 4 KiB of its CommitLog, restarts it, sends 200
+/// more and waits until it applied everything the leader committed.
+/// Returns the leader's admin client and the follower's id.
+async fn follower_loses_its_log_tail(c: &mut Cluster, settle: Duration) -> (Admin, u64) {
+    let (leader, admin) = wait_for_leader(c, Duration::from_secs(20)).await;
+    create_topic(&admin, "t", 2).await;
+    let p = Producer::new(&c.addrs(), ProducerOptions::default()).unwrap();
+    for i in 0..200 {
+        p.send("t", OutMessage::new(format!("a{i}"))).await.unwrap();
+    }
+    tokio::time::sleep(settle).await;
+    let follower = c.nodes.iter().map(|(id, _)| *id).find(|id| *id != leader).unwrap();
+    let fi = c.index_of(follower);
+    c.kill_node(fi);
+    let (seg, from, end) = zero_log_tail(c, follower, 4096);
+    eprintln!("zeroed {from}..{end} of {}", seg.display());
+    c.start_node(fi);
+    for i in 0..200 {
+        p.send("t", OutMessage::new(format!("b{i}"))).await.unwrap_or_else(|e| panic!("send b{i}: {e}"));
+    }
+    // The follower catches up with everything it lost.
+    wait_caught_up(c, &admin, &c.nodes[fi].1, Duration::from_secs(30)).await;
+    (admin, follower)
+}
+
 /// jepsen run (loss, delay, disk-truncate-tail, disk-flip, disk-full,
 /// partition-oneway, kill-minority, pause-random; 3 nodes): a follower whose
 /// disk lost the tail of its log came back with fewer entries than it had
@@ -122,40 +156,9 @@ fn zero_log_tail(c: &Cluster, id: u64, n: u64) -> (std::path::PathBuf, u64, u64)
 #[test]
 fn a_follower_that_lost_its_log_tail_does_not_bring_the_leader_down() {
     let dir = tempfile::tempdir().unwrap();
-    // No log checkpoint during the test: the lost tail is after it, so the
-    // follower's recovery cuts it instead of refusing to open.
-    let mut c = Cluster::start(
-        dir.path(),
-        3,
-        "[log]\nsegment_bytes = 16777216\nmax_entry_bytes = 8388608\ncheckpoint_interval_ms = 600000\n",
-    );
+    let mut c = Cluster::start(dir.path(), 3, NO_LOG_CHECKPOINT);
     runtime().block_on(async {
-        let (leader, admin) = wait_for_leader(&c, Duration::from_secs(20)).await;
-        create_topic(&admin, "t", 2).await;
-        let p = Producer::new(&c.addrs(), ProducerOptions::default()).unwrap();
-        for i in 0..200 {
-            p.send("t", OutMessage::new(format!("a{i}"))).await.unwrap();
-        }
-        let follower = c.nodes.iter().map(|(id, _)| *id).find(|id| *id != leader).unwrap();
-        let fi = c.index_of(follower);
-        c.kill_node(fi);
-        let (seg, from, end) = zero_log_tail(&c, follower, 4096);
-        eprintln!("zeroed {from}..{end} of {}", seg.display());
-        c.start_node(fi);
-        for i in 0..200 {
-            p.send("t", OutMessage::new(format!("b{i}"))).await.unwrap_or_else(|e| panic!("send b{i}: {e}"));
-        }
-        // The follower catches up with everything it lost.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let commit = admin.node_status().await.unwrap().commit_index;
-        let f_admin = raftmq_client::Admin::connect(&c.nodes[fi].1).unwrap();
-        loop {
-            if f_admin.node_status().await.is_ok_and(|s| s.applied_index >= commit) {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "the follower never caught up to {commit}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        follower_loses_its_log_tail(&mut c, Duration::ZERO).await;
         for (id, _) in &c.nodes {
             let log = std::fs::read_to_string(c.log_path(*id)).unwrap();
             assert!(!log.contains("panicked"), "node {id} panicked");
@@ -173,40 +176,12 @@ fn a_follower_that_lost_its_log_tail_does_not_bring_the_leader_down() {
 #[test]
 fn a_follower_whose_state_outran_its_lost_log_tail_keeps_every_message() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::start(
-        dir.path(),
-        3,
-        "[log]\nsegment_bytes = 16777216\nmax_entry_bytes = 8388608\ncheckpoint_interval_ms = 600000\n",
-    );
+    let mut c = Cluster::start(dir.path(), 3, NO_LOG_CHECKPOINT);
     runtime().block_on(async {
-        let (leader, admin) = wait_for_leader(&c, Duration::from_secs(20)).await;
-        create_topic(&admin, "t", 2).await;
-        let p = Producer::new(&c.addrs(), ProducerOptions::default()).unwrap();
-        for i in 0..200 {
-            p.send("t", OutMessage::new(format!("a{i}"))).await.unwrap();
-        }
         // The state checkpoints every second: let it cover the tail that
         // will be lost.
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        let follower = c.nodes.iter().map(|(id, _)| *id).find(|id| *id != leader).unwrap();
-        let fi = c.index_of(follower);
-        c.kill_node(fi);
-        let (seg, from, end) = zero_log_tail(&c, follower, 4096);
-        eprintln!("zeroed {from}..{end} of {}", seg.display());
-        c.start_node(fi);
-        for i in 0..200 {
-            p.send("t", OutMessage::new(format!("b{i}"))).await.unwrap_or_else(|e| panic!("send b{i}: {e}"));
-        }
-        let commit = admin.node_status().await.unwrap().commit_index;
-        let f_admin = raftmq_client::Admin::connect(&c.nodes[fi].1).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if f_admin.node_status().await.is_ok_and(|s| s.applied_index >= commit) {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "the follower never caught up to {commit}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let (admin, follower) = follower_loses_its_log_tail(&mut c, Duration::from_millis(2500)).await;
+        let f_admin = Admin::connect(&c.nodes[c.index_of(follower)].1).unwrap();
         let ranges = |topics: Vec<raftmq_proto::admin::TopicStatus>| -> Vec<(u64, u64)> {
             let t = topics.into_iter().find(|t| t.config.as_ref().is_some_and(|c| c.name == "t")).expect("topic t");
             t.queues.iter().map(|q| (q.min_offset, q.max_offset)).collect()

@@ -15,6 +15,7 @@ use raftmq_tests::Cluster;
 
 use crate::cluster::create_topic;
 use crate::cluster::runtime;
+use crate::cluster::wait_caught_up;
 use crate::cluster::wait_for_leader;
 
 const TOPIC: &str = "snap";
@@ -91,25 +92,6 @@ fn assert_installed_snapshot(c: &Cluster, id: u64) {
 
 async fn status(addr: &str) -> raftmq_proto::admin::NodeStatus {
     Admin::connect(addr).unwrap().node_status().await.unwrap()
-}
-
-/// Waits until the node at `addr` applied everything the leader committed.
-async fn wait_caught_up(c: &Cluster, leader: &Admin, addr: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let commit = leader.node_status().await.unwrap().commit_index;
-        if let Ok(Ok(s)) =
-            tokio::time::timeout(Duration::from_secs(1), async { Admin::connect(addr)?.node_status().await }).await
-            && s.applied_index >= commit
-        {
-            return;
-        }
-        if Instant::now() > deadline {
-            c.dump_logs();
-            panic!("{addr} did not catch up to {commit} within {within:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[test]
